@@ -1,0 +1,5 @@
+import sys
+
+from frugalm.cli import main
+
+sys.exit(main())

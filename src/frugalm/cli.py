@@ -1,0 +1,47 @@
+"""The `frugalm` command: argument parsing only.
+
+Each subcommand lives in its capability as a module with ``configure(parser)`` (adds its arguments)
+and ``run(args) -> int`` (does the work by calling that capability's Python API). Modules are
+imported only when their subcommand runs, so `frugalm --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Add a capability's command here and nowhere else.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("frugalm.model.commands", "print a checkpoint's config, parameter counts and KV-cache bytes/token"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="frugalm", description="DeepSeek-V3-style models on a frugal budget.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    from frugalm.config import ConfigError
+
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"frugalm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""DeepSeekMoE: sigmoid router with aux-loss-free bias, group-limited top-k, shared + fine-grained experts.
+
+Experts are stored stacked (`gate_up_proj [E, 2I, d]`, `down_proj [E, d, I]`, transformers 5.x's fused
+layout) and computed by sorting the routed (token, expert) pairs by expert and running one grouped GEMM
+per projection, so cost does not grow with a Python loop over 256 experts. The GEMM is the replaceable
+attribute `GroupedExperts.linear_fn`, which is how FP8 (or any other kernel) is applied from outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frugalm.model.config import ModelConfig
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the dense FFN and the shared experts."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------------------- grouped GEMM
+def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm exists on CPU and sm90+ GPUs and needs 16-byte aligned row strides."""
+    dev = x.device
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if not (dev.type == "cpu" or (dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9)):
+        return False
+    return (w.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * x.element_size()) % 16 == 0
+
+
+def _split_sizes(offs: torch.Tensor) -> list[int]:
+    return torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ w[e].T with all three GEMMs grouped.
+
+    torch._grouped_mm's own backward is not implemented for every device (it fails on CPU in 2.13), so
+    the backward is spelled out: dx is another 2-D x 3-D grouped GEMM, dW a 2-D x 2-D one over tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w, offs)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch._grouped_mm(dy, w, offs=offs)
+        if ctx.needs_input_grad[1]:
+            dw = torch._grouped_mm(dy.t(), x, offs=offs)
+        return dx, dw, None
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [N, in] sorted by expert, w [E, out, in], offs [E] int32 cumulative row ends -> [N, out]."""
+    if _grouped_mm_supported(x, w):
+        return _GroupedLinear.apply(x, w, offs)
+    # Fallback: one GEMM per expert that received tokens (empty experts cost nothing).
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for e, n in enumerate(_split_sizes(offs)):
+        if n:
+            out[start:start + n] = x[start:start + n] @ w[e].t()
+            start += n
+    return out
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as two stacked weights; `forward` takes tokens already sorted by expert."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.linear_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = grouped_linear
+
+    def forward(self, x_sorted: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear_fn(x_sorted, self.gate_up_proj, offs).chunk(2, dim=-1)
+        return self.linear_fn(F.silu(gate) * up, self.down_proj, offs)
+
+
+# ---------------------------------------------------------------------------------------- router
+@dataclass
+class Routing:
+    """One MoE layer's routing decision for N tokens (kept for balancing statistics)."""
+
+    indices: torch.Tensor  # [N, K] chosen experts
+    weights: torch.Tensor  # [N, K] gate values (from unbiased scores, renormalised, scaled)
+    scores: torch.Tensor  # [N, E] sigmoid affinities (fp32)
+
+
+class Router(nn.Module):
+    """`mlp.gate`: sigmoid affinities; the bias `e_score_correction_bias` only steers which experts win.
+
+    The bias is a buffer updated by the trainer after each optimizer step (aux-loss-free balancing); it
+    receives no gradient. Groups not among the `topk_group` best are filled with -inf so they can never be
+    chosen, whatever the sign of the bias (the official behaviour; HF 4.x used 0.0).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
+        biased = scores.detach() + self.e_score_correction_bias
+        if cfg.n_group > 1 and cfg.topk_method != "greedy":
+            grouped = biased.unflatten(-1, (cfg.n_group, -1))
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [N, G]
+            keep = group_score.topk(cfg.topk_group, dim=-1).indices
+            group_mask = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+            biased = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(-2)
+        indices = biased.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(-1, indices)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return Routing(indices, weights * cfg.routed_scaling_factor, scores)
+
+
+def sequence_balance_loss(routing: Routing, batch: int, cfg: ModelConfig) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise loss sum_i f_i P_i, averaged over sequences (times 1, not α)."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    scores = routing.scores.view(batch, -1, E)
+    T = scores.shape[1]
+    p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # [B, E]
+    hits = torch.zeros(batch, E, device=scores.device).scatter_add_(
+        1, routing.indices.view(batch, -1), torch.ones(batch, T * K, device=scores.device)
+    )
+    f = hits * (E / (K * T))
+    return (f * p).sum(-1).mean()
+
+
+class MoE(nn.Module):
+    """y = shared(x) + sum over the token's top-k experts of gate * expert(x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+            if cfg.n_shared_experts else None
+        )
+        # Set by forward for the trainer's balancing: the last batch's per-expert token counts and the
+        # sequence-wise balance loss (only computed when cfg.aux_loss_alpha > 0 and training).
+        self.last_expert_counts: Optional[torch.Tensor] = None
+        self.last_balance_loss: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        routing = self.gate(flat)
+        y = self.routed(flat, routing)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        if self.training and self.cfg.aux_loss_alpha > 0 and x.dim() == 3:
+            self.last_balance_loss = sequence_balance_loss(routing, shape[0], self.cfg)
+        else:
+            self.last_balance_loss = None
+        return y.view(shape)
+
+    def routed(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Dispatch (sort by expert) -> grouped experts -> weighted combine (index_add back to tokens)."""
+        K = routing.indices.shape[-1]
+        flat_expert = routing.indices.reshape(-1)
+        order = flat_expert.argsort(stable=True)
+        counts = torch.bincount(flat_expert, minlength=self.cfg.n_routed_experts)
+        self.last_expert_counts = counts.detach()
+        offs = counts.cumsum(0).to(torch.int32)
+        token = order // K
+        out = self.experts(x[token], offs)
+        out = out * routing.weights.reshape(-1, 1)[order].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token, out)

@@ -1,0 +1,161 @@
+"""Model pieces in isolation: config validation, routing rules, grouped experts, checkpoint format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from frugalm import from_pretrained
+from frugalm.config import ConfigError
+from frugalm.model import moe as moe_mod
+from frugalm.model.checkpoint import dequantize_blockwise, quantize_blockwise
+from frugalm.model.config import ModelConfig
+from frugalm.model.transformer import DeepSeekV3
+
+
+def test_config_rejects_inconsistent_fields():
+    with pytest.raises(ConfigError, match="n_routed_experts .* divisible by n_group"):
+        tiny_config(n_routed_experts=10, n_group=4)
+    with pytest.raises(ConfigError, match="unknown key.*not_a_field"):
+        ModelConfig.from_dict({"hidden_size": 64, "not_a_field": 1})
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        tiny_config(num_key_value_heads=2)
+    with pytest.raises(ConfigError, match="cannot supply"):
+        tiny_config(topk_group=1, num_experts_per_tok=3)
+
+
+def test_config_reads_both_rope_spellings_and_null_q_lora():
+    yarn = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 1.0, "mscale_all_dim": 1.0}
+    v4 = ModelConfig.from_dict({"rope_theta": 5e4, "rope_scaling": yarn, "q_lora_rank": None, "model_type": "deepseek_v3"})
+    v5 = ModelConfig.from_dict({"rope_parameters": {**{k: v for k, v in yarn.items() if k != "type"},
+                                                   "rope_type": "yarn", "rope_theta": 5e4}, "q_lora_rank": None})
+    assert v4.rope_theta == v5.rope_theta == 5e4 and v4.rope_type == v5.rope_type == "yarn"
+    assert v4.q_lora_rank is None
+    # V3's YaRN mscale: (0.1 ln 40 + 1)^2 / sqrt(192)
+    assert abs(ModelConfig(rope_scaling=yarn).softmax_scale() - 0.13523) < 1e-4
+    assert ModelConfig.from_dict(ModelConfig().to_hf_dict()) == ModelConfig()
+
+
+def test_v3_sizes():
+    cfg = ModelConfig(num_nextn_predict_layers=1)
+    counts = cfg.param_counts()
+    assert abs(counts["total"] / 1e9 - 671) < 1 and abs(counts["activated"] / 1e9 - 37) < 1
+    assert cfg.kv_cache_bytes_per_token(2) == 61 * 576 * 2
+
+
+def test_router_never_picks_masked_groups():
+    cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    router = moe_mod.Router(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    # Strongly negative biases: with a 0.0 fill a masked group's experts would outrank these.
+    router.e_score_correction_bias.fill_(-5.0)
+    x = torch.randn(64, cfg.hidden_size)
+    r = router(x)
+    scores = r.scores + router.e_score_correction_bias
+    group_score = scores.view(64, 4, 4).topk(2, -1).values.sum(-1)
+    allowed = group_score.topk(2, -1).indices
+    chosen_groups = r.indices // 4
+    assert all(set(chosen_groups[i].tolist()) <= set(allowed[i].tolist()) for i in range(64))
+    assert torch.allclose(r.weights.sum(-1), torch.full((64,), cfg.routed_scaling_factor))
+    # weights come from the unbiased scores
+    raw = r.scores.gather(-1, r.indices)
+    assert torch.allclose(r.weights, raw / raw.sum(-1, keepdim=True) * cfg.routed_scaling_factor)
+
+
+def test_bias_changes_selection_not_weights_gradient():
+    cfg = tiny_config()
+    router = moe_mod.Router(cfg)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(32, cfg.hidden_size)
+    before = router(x).indices
+    popular = torch.bincount(before.flatten(), minlength=cfg.n_routed_experts).argmax()
+    router.e_score_correction_bias[popular] -= 10.0  # the most chosen expert can no longer win
+    after = router(x)
+    assert (before == popular).any() and not (after.indices == popular).any()
+    after.weights.sum().backward()
+    assert router.weight.grad is not None and router.e_score_correction_bias.grad is None
+
+
+def test_grouped_gemm_matches_per_expert_loop_and_fallback(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(50, 24, requires_grad=True)
+    w = torch.randn(6, 10, 24, requires_grad=True)
+    counts = torch.tensor([7, 0, 13, 20, 0, 10])
+    offs = counts.cumsum(0).to(torch.int32)
+    ref = torch.cat([xe @ we.t() for xe, we in zip(x.split(counts.tolist()), w)])
+    y = moe_mod.grouped_linear(x, w, offs)
+    assert torch.allclose(y, ref, atol=1e-5)
+    g = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    rdx, rdw = torch.autograd.grad(ref, (x, w), g)
+    assert torch.allclose(dx, rdx, atol=1e-4) and torch.allclose(dw, rdw, atol=1e-4)
+    monkeypatch.setattr(moe_mod, "_grouped_mm_supported", lambda *a: False)
+    assert torch.allclose(moe_mod.grouped_linear(x, w, offs), ref, atol=1e-5)
+
+
+def test_moe_matches_dense_reference():
+    """The sort/grouped path equals a direct per-token sum over chosen experts."""
+    cfg = tiny_config()
+    model = DeepSeekV3(cfg).init_weights(1)
+    moe = model.moe_layers()[0]
+    x = torch.randn(2, 5, cfg.hidden_size)
+    y = moe(x)
+    flat = x.view(-1, cfg.hidden_size)
+    r = moe.gate(flat)
+    ref = moe.shared_experts(flat)
+    for t in range(flat.shape[0]):
+        for k in range(cfg.num_experts_per_tok):
+            e = r.indices[t, k]
+            gate, up = (moe.experts.gate_up_proj[e] @ flat[t]).chunk(2)
+            ref[t] += r.weights[t, k] * (moe.experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+    assert torch.allclose(y.view(-1, cfg.hidden_size), ref, atol=1e-5)
+    assert moe.last_expert_counts.sum().item() == 10 * cfg.num_experts_per_tok
+
+
+def test_blockwise_fp8_edge_blocks_and_zero_blocks():
+    w = torch.randn(200, 130) * 3
+    w[:128, :128] = 0  # a zero block must not produce NaN
+    q, s = quantize_blockwise(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (2, 2)
+    deq = dequantize_blockwise(q, s)
+    assert torch.isfinite(deq).all() and deq[:128, :128].abs().max() == 0
+    rel = ((deq - w).abs() / w.abs().clamp(min=1e-3))[w.abs() > 0.1]
+    assert rel.max() < 2 ** -3  # E4M3: 3 mantissa bits
+    with pytest.raises(ConfigError, match="does not match"):
+        dequantize_blockwise(q, s[:1])
+
+
+def test_checkpoint_names_mtp_and_sharding(tmp_path):
+    cfg = tiny_config()
+    model = DeepSeekV3(cfg).init_weights(0)
+    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    L = cfg.num_hidden_layers
+    for key in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                "shared_head.head.weight", "embed_tokens.weight", "self_attn.kv_b_proj.weight",
+                "mlp.experts.7.down_proj.weight", "mlp.gate.e_score_correction_bias"):
+        assert f"model.layers.{L}.{key}" in index, key
+    assert "model.layers.1.mlp.experts.0.gate_proj.weight" in index
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    with_mtp = from_pretrained(tmp_path, with_mtp=True)
+    plain = from_pretrained(tmp_path)
+    assert len(with_mtp.mtp) == 1 and len(plain.mtp) == 0
+    for (n, p), (_, q) in zip(model.named_parameters(), with_mtp.named_parameters()):
+        assert torch.equal(p, q), n
+    with torch.no_grad():
+        assert torch.equal(plain(ids), model(ids))
+
+
+def test_corrupt_or_missing_checkpoint_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        from_pretrained(tmp_path / "nope")
+    cfg = tiny_config()
+    DeepSeekV3(cfg).init_weights(0).save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="unreadable safetensors"):
+        from_pretrained(tmp_path)
