@@ -11,7 +11,6 @@ On disk we use the names transformers and the official release use:
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -22,39 +21,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from frugalm.config import ConfigError
+# The block quantizer is a leaf numeric module (torch only); the checkpoint format reuses it.
+from frugalm.fp8.quantize import dequantize_weight_blockwise, quantize_weight_blockwise
 from frugalm.model.config import ModelConfig
 from frugalm.model.transformer import DeepSeekV3
 
-BLOCK = 128
 _MTP_OWN = ("enorm", "hnorm", "eh_proj", "shared_head.norm")
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 # Linear weights that stay high precision in DeepSeek's FP8 release.
 _NOT_QUANTIZED = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate\.weight|norm\.weight|\.bias$)")
-
-
-# ---------------------------------------------------------------------------------------- FP8 blocks
-def dequantize_blockwise(w: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W = float(Wq) * scale_inv[i // 128, j // 128]; the last block row/column may be partial."""
-    if w.dim() != 2 or scale_inv.shape != (math.ceil(w.shape[0] / BLOCK), math.ceil(w.shape[1] / BLOCK)):
-        raise ConfigError(
-            f"weight_scale_inv of shape {tuple(scale_inv.shape)} does not match a {tuple(w.shape)} weight "
-            f"in 128x128 blocks"
-        )
-    s = scale_inv.float().repeat_interleave(BLOCK, 0)[: w.shape[0]].repeat_interleave(BLOCK, 1)[:, : w.shape[1]]
-    return (w.float() * s).to(dtype)
-
-
-def quantize_blockwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-128x128-block max-abs scaling to E4M3 (448 = its largest finite value)."""
-    rows, cols = w.shape
-    pr, pc = -rows % BLOCK, -cols % BLOCK
-    wp = torch.nn.functional.pad(w.float(), (0, pc, 0, pr))
-    blocks = wp.unflatten(0, (-1, BLOCK)).unflatten(2, (-1, BLOCK))  # [R, 128, C, 128]
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
-    scale_inv = amax / 448.0
-    q = (blocks / scale_inv[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
-    q = q.flatten(2).flatten(0, 1)[:rows, :cols].contiguous()
-    return q, scale_inv.float()
 
 
 # ---------------------------------------------------------------------------------------- name mapping
@@ -151,7 +126,10 @@ def load_state_dict(path: str | Path, cfg: ModelConfig, n_mtp: int, dtype: torch
         if scale is None and name.endswith(".weight"):
             scale = raw.pop(name[: -len(".weight")] + ".weight_scale_inv", None)
         if scale is not None:
-            t = dequantize_blockwise(t, scale, torch.float32)
+            try:
+                t = dequantize_weight_blockwise(t, scale, torch.float32)
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
         elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise ConfigError(f"{name} is FP8 but has no weight_scale_inv")
         internal = _to_internal(name, L, n_mtp)
@@ -250,7 +228,7 @@ def save_pretrained(model: DeepSeekV3, path: str | Path, *, fp8: bool = False, m
     for name, t in _hf_items(model):
         t = t.detach().to("cpu")
         if fp8 and t.dim() == 2 and not _NOT_QUANTIZED.search(name):
-            q, s = quantize_blockwise(t)
+            q, s = quantize_weight_blockwise(t)
             tensors[name] = q
             tensors[name + "_scale_inv"] = s
         else:

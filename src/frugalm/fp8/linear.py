@@ -1,0 +1,273 @@
+"""FP8 linear layers whose three GEMMs (Fprop, Dgrad, Wgrad) all take E4M3 inputs, as in DeepSeek-V3.
+
+For ``y = x W^T`` with ``x [M, K]`` (M tokens) and ``W [N, K]``:
+
+* Fprop ``y = x W^T``: x in 1x128 tiles, W in 128x128 blocks (both scaled along K).
+* Dgrad ``dx = dy W``: dy in 1x128 tiles along N; W's 128x128 blocks are square, so the FP8 weight
+  made for Fprop is reused transposed and both passes see the identical quantized weight.
+* Wgrad ``dW = dy^T x``: contracts over tokens, so dy and x are quantized in 128x1 tiles (128 tokens,
+  one channel) -- the recipe's re-tiling.
+
+Every GEMM accumulates in FP32 (see `frugalm.fp8.backends`); outputs are in the input's dtype and
+weight gradients in the weight's dtype (FP32 master weights give FP32 gradients to accumulate).
+
+What is saved for backward is FP8 only: x in the 128x1 Wgrad tiling (quantized straight from the
+high-precision input, so it is not rounded twice) and the FP8 weight, each with its fp32 tile scales,
+about 1.03 bytes per element instead of 2 (BF16) or 4 (FP32). A tensor that no gradient needs is not
+saved at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from frugalm.fp8.backends import GemmBackend, resolve_backend
+from frugalm.fp8.quantize import (
+    WEIGHT_TILE,
+    WGRAD_TILE,
+    FP8Tensor,
+    quantize_activation,
+    quantize_for_wgrad,
+    quantize_weight,
+)
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    """y = x W^T (+ b) with FP8 Fprop/Dgrad/Wgrad; see the module docstring for the tilings."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        gemm: GemmBackend,
+        power_of_two: bool,
+        keep_for_wgrad: bool,
+        keep_for_dgrad: bool,
+    ) -> Tensor:
+        out_features, in_features = weight.shape
+        if x.shape[-1] != in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the weight expects {in_features}")
+        x2 = x.reshape(-1, in_features)
+        wq = quantize_weight(weight, power_of_two=power_of_two)
+        y = gemm.gemm(quantize_activation(x2, power_of_two=power_of_two), wq, torch.float32)
+        if bias is not None:
+            y = y + bias.float()
+        xw = quantize_for_wgrad(x2, power_of_two=power_of_two) if keep_for_wgrad else None
+        ctx.save_for_backward(
+            xw.data if xw is not None else None,
+            xw.scale if xw is not None else None,
+            wq.data if keep_for_dgrad else None,
+            wq.scale if keep_for_dgrad else None,
+        )
+        ctx.gemm, ctx.power_of_two = gemm, power_of_two
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        xw_data, xw_scale, w_data, w_scale = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = db = None
+        if need_dx:
+            wq = FP8Tensor(w_data, w_scale, WEIGHT_TILE)
+            dyq = quantize_activation(dy2, power_of_two=ctx.power_of_two)
+            dx = ctx.gemm.gemm(dyq, wq.t(), ctx.x_dtype).reshape(ctx.x_shape)
+        if need_dw:
+            xw = FP8Tensor(xw_data, xw_scale, WGRAD_TILE)
+            dyw = quantize_for_wgrad(dy2, power_of_two=ctx.power_of_two)
+            dw = ctx.gemm.gemm(dyw.t(), xw.t(), ctx.w_dtype)
+        if need_db and ctx.has_bias:
+            db = dy2.float().sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None, None, None, None
+
+
+def fp8_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    backend: str | GemmBackend = "auto",
+    power_of_two_scales: bool = False,
+) -> Tensor:
+    """``x @ weight.T + bias`` with DeepSeek-V3's FP8 recipe in forward and backward.
+
+    ``backend`` is a name from `frugalm.fp8.backends.BACKEND_NAMES` (resolved for ``x.device``) or a
+    backend object.
+    """
+    gemm = resolve_backend(backend, x.device)
+    grad_on = torch.is_grad_enabled()
+    keep_for_wgrad = grad_on and weight.requires_grad
+    keep_for_dgrad = grad_on and x.requires_grad
+    return _FP8LinearFunction.apply(
+        x, weight, bias, gemm, power_of_two_scales, keep_for_wgrad, keep_for_dgrad
+    )
+
+
+class FP8Linear(nn.Linear):
+    """`nn.Linear` computing with `fp8_linear`; same parameters and names, so state_dict keys are unchanged.
+
+    Parameters stay in their own (master) dtype; quantization happens on the fly each forward, as
+    DeepSeek's online scaling requires, so optimizers and checkpoints never see FP8.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        backend: str = "auto",
+        power_of_two_scales: bool = False,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.backend = backend
+        self.power_of_two_scales = power_of_two_scales
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, *, backend: str = "auto", power_of_two_scales: bool = False
+    ) -> "FP8Linear":
+        """An FP8Linear that shares ``linear``'s Parameter objects (no copy, optimizer state stays valid)."""
+        new = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+            dtype=linear.weight.dtype, backend=backend, power_of_two_scales=power_of_two_scales,
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fp8_linear(
+            x, self.weight, self.bias, backend=self.backend, power_of_two_scales=self.power_of_two_scales
+        )
+
+    def extra_repr(self) -> str:
+        pow2 = ", power_of_two_scales=True" if self.power_of_two_scales else ""
+        return f"{super().extra_repr()}, fp8_backend={self.backend!r}{pow2}"
+
+
+# ----------------------------------------------------------------------------- MoE experts
+def _group_bounds(offs: Tensor, n_experts: int, n_rows: int) -> list[tuple[int, int]]:
+    ends = [int(e) for e in offs.tolist()]
+    if len(ends) != n_experts:
+        raise ValueError(f"offs has {len(ends)} entries for {n_experts} experts")
+    starts = [0] + ends[:-1]
+    if any(e < s for s, e in zip(starts, ends)) or (ends and ends[-1] > n_rows):
+        raise ValueError(f"offs must be non-decreasing cumulative row ends <= {n_rows}, got {ends}")
+    return list(zip(starts, ends))
+
+
+class _FP8GroupedLinearFunction(torch.autograd.Function):
+    """Per-expert ``y[rows_e] = x[rows_e] @ w[e]^T`` with the same FP8 tilings as `_FP8LinearFunction`.
+
+    Activation tiles are per token, so x and dy are quantized once for all experts; Wgrad's 128-token
+    tiles are cut per expert so that no tile mixes two experts' tokens (each expert's Wgrad is its own
+    contraction over its own tokens).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        w: Tensor,
+        offs: Tensor,
+        gemm: GemmBackend,
+        power_of_two: bool,
+        keep_for_wgrad: bool,
+        keep_for_dgrad: bool,
+    ) -> Tensor:
+        if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
+            raise ValueError(f"expected x [N, in] and w [E, out, in], got {tuple(x.shape)} and {tuple(w.shape)}")
+        n_experts, out_features, _ = w.shape
+        bounds = _group_bounds(offs, n_experts, x.shape[0])
+        xq = quantize_activation(x, power_of_two=power_of_two)
+        wq = quantize_weight(w, power_of_two=power_of_two)
+        y = torch.zeros(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+        for e, (s, t) in enumerate(bounds):
+            if t > s:
+                y[s:t] = gemm.gemm(xq.rows(s, t), wq[e], x.dtype)
+        x_data = x_scale = None
+        if keep_for_wgrad:
+            parts = [quantize_for_wgrad(x[s:t], power_of_two=power_of_two) for s, t in bounds if t > s]
+            if parts:
+                x_data = torch.cat([p.data for p in parts])
+                x_scale = torch.cat([p.scale for p in parts])
+        ctx.save_for_backward(
+            x_data, x_scale, wq.data if keep_for_dgrad else None, wq.scale if keep_for_dgrad else None
+        )
+        ctx.bounds, ctx.gemm, ctx.power_of_two = bounds, gemm, power_of_two
+        ctx.x_shape, ctx.x_dtype, ctx.w_shape, ctx.w_dtype = x.shape, x.dtype, w.shape, w.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        x_data, x_scale, w_data, w_scale = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[:2]
+        device = dy.device
+        dx = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=device) if need_dx else None
+        dw = torch.zeros(ctx.w_shape, dtype=ctx.w_dtype, device=device) if need_dw else None
+        if need_dx:
+            wq = FP8Tensor(w_data, w_scale, WEIGHT_TILE)
+            dyq = quantize_activation(dy, power_of_two=ctx.power_of_two)
+        scale_row = 0
+        for e, (s, t) in enumerate(ctx.bounds):
+            if t == s:
+                continue
+            if need_dx:
+                dx[s:t] = ctx.gemm.gemm(dyq.rows(s, t), wq[e].t(), ctx.x_dtype)
+            if need_dw:
+                tiles = math.ceil((t - s) / WGRAD_TILE[0])
+                xw = FP8Tensor(x_data[s:t], x_scale[scale_row: scale_row + tiles], WGRAD_TILE)
+                scale_row += tiles
+                dyw = quantize_for_wgrad(dy[s:t], power_of_two=ctx.power_of_two)
+                dw[e] = ctx.gemm.gemm(dyw.t(), xw.t(), ctx.w_dtype)
+        return dx, dw, None, None, None, None, None
+
+
+def fp8_grouped_linear(
+    x: Tensor,
+    w: Tensor,
+    offs: Tensor,
+    *,
+    backend: str | GemmBackend = "auto",
+    power_of_two_scales: bool = False,
+) -> Tensor:
+    """MoE experts' ``linear_fn`` in FP8: rows ``offs[e-1]:offs[e]`` of ``x [N, in]`` times ``w[e]^T``.
+
+    ``w`` is the stacked ``[E, out, in]`` expert weight and ``offs`` the int cumulative row ends (tokens
+    already sorted by expert), as for ``torch._grouped_mm``. Rows past ``offs[-1]`` get zeros.
+    """
+    gemm = resolve_backend(backend, x.device)
+    grad_on = torch.is_grad_enabled()
+    return _FP8GroupedLinearFunction.apply(
+        x, w, offs, gemm, power_of_two_scales, grad_on and w.requires_grad, grad_on and x.requires_grad
+    )
+
+
+@dataclass(frozen=True)
+class FP8GroupedLinear:
+    """`fp8_grouped_linear` with its options bound: what `apply_fp8` assigns to ``experts.linear_fn``.
+
+    A plain callable (not an nn.Module), so assigning it does not add a submodule or state_dict keys.
+    """
+
+    backend: str = "auto"
+    power_of_two_scales: bool = False
+
+    def __call__(self, x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+        return fp8_grouped_linear(
+            x, w, offs, backend=self.backend, power_of_two_scales=self.power_of_two_scales
+        )

@@ -1,0 +1,177 @@
+"""Tile-scaled E4M3 quantization: scale shapes, edge and zero tiles, saturation, error bound, checkpoint form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from frugalm.fp8.error_bounds import quantization_error_bound
+from frugalm.fp8.quantize import (
+    ABS_ERR,
+    FP8_DTYPE,
+    FP8_MAX,
+    REL_ERR,
+    FP8Tensor,
+    dequantize_weight_blockwise,
+    expand_scale,
+    quantize_activation,
+    quantize_for_wgrad,
+    quantize_tiles,
+    quantize_weight,
+    quantize_weight_blockwise,
+)
+from frugalm.fp8.synthetic import activations_with_outliers, gradients_like
+
+TILINGS = {"activation 1x128": quantize_activation, "weight 128x128": quantize_weight, "wgrad 128x1": quantize_for_wgrad}
+
+
+def test_scale_shapes_follow_the_recipe_tilings_with_partial_edge_tiles():
+    x = torch.randn(300, 200)
+    assert quantize_activation(x).scale.shape == (300, 2)  # per token, ceil(200/128)
+    assert quantize_weight(x).scale.shape == (3, 2)  # ceil(300/128) x ceil(200/128)
+    assert quantize_for_wgrad(x).scale.shape == (3, 200)  # ceil(300 tokens/128) x channels
+    stacked = quantize_weight(torch.randn(4, 300, 200))  # MoE experts [E, out, in]
+    assert stacked.data.shape == (4, 300, 200) and stacked.scale.shape == (4, 3, 2)
+    for q in (quantize_activation(x), quantize_weight(x), quantize_for_wgrad(x)):
+        assert q.data.dtype == FP8_DTYPE and q.scale.dtype == torch.float32 and q.data.shape == x.shape
+
+
+def test_edge_tile_scale_comes_from_the_elements_that_exist():
+    x = torch.zeros(130, 135)
+    x[129, 134] = 7.0  # alone in the bottom-right 2x7 edge block
+    x[0, 0] = 1.0
+    q = quantize_weight(x)
+    f32 = torch.float32
+    assert q.scale[1, 1] == torch.tensor(7.0, dtype=f32) / FP8_MAX  # not diluted by the 126 padded rows
+    assert q.scale[0, 0] == torch.tensor(1.0, dtype=f32) / FP8_MAX
+    assert q.scale[0, 1] == 1.0 and q.scale[1, 0] == 1.0  # all-zero blocks
+    assert q.data[129, 134].float().item() == FP8_MAX and q.data[0, 0].float().item() == FP8_MAX
+
+
+def test_zero_tiles_get_scale_one_and_no_nan():
+    x = torch.randn(4, 384)
+    x[:, 128:256] = 0.0
+    x[2] = 0.0
+    for quantize in TILINGS.values():
+        q = quantize(x)
+        deq = q.dequantize()
+        assert torch.isfinite(q.scale).all() and not torch.isnan(q.data.float()).any()
+        assert (deq[:, 128:256] == 0).all() and (deq[2] == 0).all()
+    q = quantize_activation(x)
+    assert (q.scale[:, 1] == 1.0).all() and (q.scale[2] == 1.0).all()
+    assert torch.equal(quantize_activation(torch.zeros(3, 7)).scale, torch.ones(3, 1))
+
+
+def test_tile_maximum_maps_to_448_and_nothing_saturates_past_it():
+    x = activations_with_outliers(64, 300, seed=3) * 1e3
+    for quantize in TILINGS.values():
+        q = quantize(x)
+        vals = q.data.float()
+        assert vals.abs().max().item() == FP8_MAX
+        assert torch.isfinite(vals).all() and vals.abs().max() <= FP8_MAX
+
+
+def test_values_beyond_448_times_scale_saturate_instead_of_becoming_nan(monkeypatch):
+    """Saturation is our clamp's doing, not the cast's (whose out-of-range behaviour varies by kernel)."""
+    import frugalm.fp8.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "scale_from_amax", lambda amax, power_of_two=False: amax / 1000.0)
+    x = torch.tensor([[1000.0, -500.0, 3.0]])
+    q = quantize_module.quantize_activation(x)
+    assert q.data.float().tolist() == [[448.0, -448.0, 3.0]]
+
+
+@pytest.mark.parametrize("tiling", list(TILINGS))
+@pytest.mark.parametrize("power_of_two", [False, True])
+def test_worst_case_relative_error_per_tile_is_2_to_minus_4(tiling, power_of_two):
+    """E4M3 has 3 mantissa bits: round-to-nearest errs <= 2^-4 relative in the normal range and
+    <= 2^-10 * tile scale (half the subnormal spacing) below it. The bound is attained, not loose."""
+    x = torch.cat([activations_with_outliers(256, 260, seed=5), gradients_like(256, 260, seed=6)])
+    q = TILINGS[tiling](x) if not power_of_two else TILINGS[tiling](x, power_of_two=True)
+    deq = q.dequantize().double()
+    err = (deq - x.double()).abs()
+    assert (err <= quantization_error_bound(x, q)).all()
+    scale = expand_scale(q.scale, q.tile, *x.shape).double()
+    normal = x.double().abs() / scale >= 2.0 ** -6
+    rel = err[normal] / x.double().abs()[normal]
+    assert rel.max().item() <= REL_ERR * (1 + 2.0 ** -20)
+    assert rel.max().item() > 0.9 * REL_ERR  # really rounded to 3 mantissa bits
+    sub = ~normal & (x != 0)
+    assert (err[sub] <= ABS_ERR * scale[sub] * (1 + 2.0 ** -20)).all()
+
+
+def test_power_of_two_scales_are_exact_powers_covering_the_tile():
+    x = activations_with_outliers(32, 384, seed=7)
+    q = quantize_activation(x, power_of_two=True)
+    mantissa, _ = torch.frexp(q.scale)
+    assert (mantissa == 0.5).all()
+    amax = x.abs().reshape(32, 3, 128).amax(-1)
+    assert (q.scale >= amax / FP8_MAX).all() and (q.scale < 2 * amax / FP8_MAX).all()
+    top = q.data.float().abs().amax()
+    assert 224 <= top <= FP8_MAX
+    exact = torch.full((1, 128), 448.0 * 2.0 ** -5)  # amax/448 is already 2^-5: must stay 2^-5
+    assert quantize_activation(exact, power_of_two=True).scale.item() == 2.0 ** -5
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_input_poisons_only_its_own_tile(bad):
+    x = torch.randn(2, 256)
+    x[0, 5] = bad
+    q = quantize_activation(x)
+    deq = q.dequantize()
+    assert not torch.isfinite(q.scale[0, 0]) and torch.isnan(deq[0, :128]).any()
+    assert torch.isfinite(deq[0, 128:]).all() and torch.isfinite(deq[1]).all()
+
+
+def test_bf16_input_is_scaled_from_its_exact_values():
+    x = activations_with_outliers(16, 256, seed=8, dtype=torch.bfloat16)
+    a, b = quantize_activation(x), quantize_activation(x.float())
+    assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)) and torch.equal(a.scale, b.scale)
+
+
+def test_fp8tensor_transpose_rows_and_validation():
+    x = torch.randn(300, 200)
+    q = quantize_for_wgrad(x)
+    qt = q.t()
+    assert qt.tile == (1, 128) and qt.shape == (200, 300) and qt.scale.shape == (200, 3)
+    assert torch.equal(qt.dequantize(), q.dequantize().t())
+    part = q.rows(128, 300)
+    assert torch.equal(part.dequantize(), q.dequantize()[128:])
+    with pytest.raises(ValueError, match="cut through tiles"):
+        q.rows(100, 200)
+    with pytest.raises(ValueError, match="scale shape"):
+        FP8Tensor(q.data, q.scale[:2], q.tile)
+
+
+def test_checkpoint_blockwise_convention_matches_deepseek_formula():
+    """W[i, j] = float(Wq[i, j]) * scale_inv[i // 128, j // 128], scale_inv fp32 [ceil(out/128), ceil(in/128)]."""
+    w = torch.randn(300, 200, dtype=torch.bfloat16) * 0.05
+    w_fp8, scale_inv = quantize_weight_blockwise(w)
+    assert w_fp8.dtype == torch.float8_e4m3fn and w_fp8.shape == (300, 200)
+    assert scale_inv.dtype == torch.float32 and scale_inv.shape == (3, 2)
+    i = torch.arange(300)[:, None] // 128
+    j = torch.arange(200)[None, :] // 128
+    by_formula = w_fp8.float() * scale_inv[i, j]
+    assert torch.equal(dequantize_weight_blockwise(w_fp8, scale_inv, torch.float32), by_formula)
+    deq = dequantize_weight_blockwise(w_fp8, scale_inv)
+    assert deq.dtype == torch.bfloat16
+    # scale_inv is each block's amax / 448
+    blocks = torch.nn.functional.pad(w.float().abs(), (0, 56, 0, 84)).reshape(3, 128, 2, 128).amax((1, 3))
+    assert torch.equal(scale_inv, blocks / FP8_MAX)
+    q = quantize_weight(w)
+    assert ((by_formula.double() - w.double()).abs() <= quantization_error_bound(w, q)).all()
+
+
+def test_checkpoint_dequantize_rejects_mismatched_scale_shape():
+    w_fp8, scale_inv = quantize_weight_blockwise(torch.randn(300, 200))
+    with pytest.raises(ValueError, match=r"needs \(3, 2\)"):
+        dequantize_weight_blockwise(w_fp8, scale_inv[:2])
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_weight_blockwise(torch.randn(2, 3, 4))
+
+
+def test_generic_tiles_round_trip_within_bound_for_odd_tiles():
+    x = torch.randn(3, 50, 70)
+    q = quantize_tiles(x, (16, 32))
+    assert q.scale.shape == (3, 4, 3)
+    assert ((q.dequantize().double() - x.double()).abs() <= quantization_error_bound(x, q)).all()
