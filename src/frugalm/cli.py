@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("frugalm.model.commands", "print a checkpoint's config, parameter counts and KV-cache bytes/token"),
     "data": ("frugalm.data.commands", "prepare (or check) the tokenizer and token shards of a config's [data] section"),
+    "plan": ("frugalm.plan.commands", "plan a training run (FLOPs, GPU-hours, cost, memory, comm), chips and export rules, published claims"),
 }
 
 
