@@ -14,6 +14,7 @@ import sys
 # subcommand -> (module, one-line help). Add a capability's command here and nowhere else.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("frugalm.model.commands", "print a checkpoint's config, parameter counts and KV-cache bytes/token"),
+    "serve": ("frugalm.serve.commands", "OpenAI-compatible HTTP server (paged latent cache, MTP speculation) for a checkpoint"),
     "data": ("frugalm.data.commands", "prepare (or check) the tokenizer and token shards of a config's [data] section"),
     "plan": ("frugalm.plan.commands", "plan a training run (FLOPs, GPU-hours, cost, memory, comm), chips and export rules, published claims"),
 }

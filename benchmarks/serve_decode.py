@@ -1,0 +1,199 @@
+"""Decode throughput, cache bytes/token and MTP speculation of `frugalm.serve` vs transformers' `generate`.
+
+Same checkpoint folder for both, greedy, fixed-length prompts, exactly `--new` tokens (EOS ignored).
+Each timed run is preceded by an untimed warm-up; prefix caching is off so repeated prompts give the
+engine no advantage transformers lacks. Every row also checks that both produced the same tokens.
+
+    python benchmarks/serve_decode.py [--model DIR] [--batches 1,16,32] [--new 128] [--threads 1]
+
+Without --model, a random-weight model of configs/examples/tiny-checkpoint's shape (4 layers, d=256,
+16 routed experts, MTP depth 1) is saved to a temp folder. Its MTP module is untrained, so its draft
+acceptance is near zero; a trained checkpoint (e.g. runs/tiny/final) gives the real figure. The
+`synthetic` MTP row trains a tiny model + MTP on a deterministic sequence rule for a few seconds: it
+shows the machinery's speed-up when drafts are good, not a language model's acceptance rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from frugalm.model.config import ModelConfig
+from frugalm.model.transformer import DeepSeekV3
+from frugalm.serve import LLM, SamplingParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def hf_cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for v in vars(layer).values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def bench_decode(path: Path, batches: list[int], prompt_len: int, new: int, repeats: int) -> list[dict]:
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    vocab = hf.config.vocab_size
+    rows = []
+    for B in batches:
+        llm = LLM(path, max_num_seqs=B, max_num_batched_tokens=max(2048, B * prompt_len),
+                  enable_prefix_caching=False)
+        g = torch.Generator().manual_seed(B)
+        warm = torch.randint(2, vocab, (B, prompt_len), generator=g)
+        ids = torch.randint(2, vocab, (B, prompt_len), generator=g)
+        mask = torch.ones_like(ids)
+
+        def hf_run(x, n):
+            gc = transformers.GenerationConfig(max_new_tokens=n, do_sample=False,
+                                               eos_token_id=None, pad_token_id=0)
+            with torch.no_grad():
+                return hf.generate(x, attention_mask=torch.ones_like(x), generation_config=gc,
+                                   return_dict_in_generate=True)
+
+        def ours_run(x, n):
+            return llm.generate(x.tolist(), SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+
+        hf_run(warm, 4)
+        ours_run(warm, 4)
+        # Interleaved so load changes on a shared machine hit both alike; best of `repeats` each.
+        t_hf = t_hf1 = t_us = t_us1 = float("inf")
+        for _ in range(repeats):
+            t_hf = min(t_hf, timed(lambda: hf_run(ids, new)))
+            t_us = min(t_us, timed(lambda: ours_run(ids, new)))
+            t_hf1 = min(t_hf1, timed(lambda: hf_run(ids, 1)))
+            t_us1 = min(t_us1, timed(lambda: ours_run(ids, 1)))
+        out_hf = hf_run(ids, new)
+        ref = out_hf.sequences[:, prompt_len:].tolist()
+        got = [c.token_ids for c in ours_run(ids, new)]
+        same = sum(a == b for a, b in zip(ref, got))
+        hf_bytes = hf_cache_bytes(out_hf.past_key_values)
+        hf_tokens = B * (prompt_len + new - 1)  # the last generated token is never fed back
+        row = {
+            "batch": B, "new_tokens": new, "prompt_len": prompt_len,
+            "hf_tok_s": B * new / t_hf, "ours_tok_s": B * new / t_us,
+            "hf_decode_tok_s": B * (new - 1) / max(t_hf - t_hf1, 1e-9),
+            "ours_decode_tok_s": B * (new - 1) / max(t_us - t_us1, 1e-9),
+            "identical_sequences": f"{same}/{B}",
+            "hf_cache_bytes_per_token": hf_bytes / hf_tokens,
+            "ours_cache_bytes_per_token": llm.engine.cache_bytes_per_token,
+        }
+        row["speedup_end_to_end"] = row["ours_tok_s"] / row["hf_tok_s"]
+        row["speedup_decode"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_mtp(path: Path, prompt_len: int, new: int, ks: list[int], label: str, repeats: int,
+              prompts: list[list[int]] | None = None) -> list[dict]:
+    rows = []
+    if prompts is None:
+        vocab = ModelConfig.from_json(path).vocab_size
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(2, vocab, (prompt_len,), generator=g).tolist() for _ in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    plain = LLM(path, enable_prefix_caching=False)
+    plain.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4))
+    base = [plain.generate(p, params)[0].token_ids for p in prompts]
+    for k in ks:
+        llm = LLM(path, speculative="mtp", num_speculative_tokens=k, enable_prefix_caching=False)
+        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4))
+        outs = [llm.generate(p, params)[0].token_ids for p in prompts]
+        st = llm.stats
+        d0, a0 = st.draft_tokens, st.accepted_tokens
+        t_plain = t_spec = 0.0
+        for p in prompts:  # interleaved per prompt, best of `repeats`
+            tp = ts = float("inf")
+            for _ in range(repeats):
+                tp = min(tp, timed(lambda: plain.generate(p, params)))
+                ts = min(ts, timed(lambda: llm.generate(p, params)))
+            t_plain, t_spec = t_plain + tp, t_spec + ts
+        drafted, accepted = st.draft_tokens - d0, st.accepted_tokens - a0
+        row = {"model": label, "k": k, "batch": 1, "new_tokens": new,
+               "acceptance_rate": accepted / drafted if drafted else 0.0,
+               "first_draft_acceptance": (st.accepted_by_position[0] / st.drafted_by_position[0]
+                                          if st.drafted_by_position else 0.0),
+               "tokens_per_step": 1 + accepted / max(1, drafted / k),
+               "plain_tok_s": len(prompts) * new / t_plain, "mtp_tok_s": len(prompts) * new / t_spec,
+               "greedy_identical": outs == base}
+        row["speedup"] = row["mtp_tok_s"] / row["plain_tok_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def synthetic_mtp_checkpoint(out: Path) -> tuple[Path, list[list[int]]]:
+    """Tiny model + MTP trained ~5 s on t_{i+1} = (7 t_i + 3) mod 40 (see tests/serve/serve_helpers.py)."""
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "serve")]
+    from serve_helpers import pattern_prompt, train_pattern_model
+
+    train_pattern_model(steps=80).save_pretrained(out)
+    return out, [pattern_prompt(s, 16) for s in (3, 11, 27)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: random tiny-checkpoint shape)")
+    ap.add_argument("--batches", default="1,16,32")
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--mtp-k", default="1,2")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: decode,mtp,synthetic")
+    ap.add_argument("--json", type=Path, default=None, help="write all results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    results: dict = {"threads": args.threads, "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        if path is None:
+            path = Path(tmp) / "bench"
+            cfg = ModelConfig.from_json(ROOT / "configs/examples/tiny-checkpoint/config.json")
+            DeepSeekV3(cfg).init_weights(0).save_pretrained(path)
+        cfg = ModelConfig.from_json(path)
+        v3 = ModelConfig()
+        results["cache"] = {
+            "ours_bytes_per_token_fp32": cfg.kv_cache_bytes_per_token(4),
+            "per_head_kv_bytes_per_token_fp32": cfg.mha_cache_bytes_per_token(4),
+            "v3_mla_bytes_per_token_bf16": v3.kv_cache_bytes_per_token(2),
+            "v3_per_head_kv_bytes_per_token_bf16": v3.mha_cache_bytes_per_token(2),
+            "v3_ratio": v3.mha_cache_bytes_per_token(2) / v3.kv_cache_bytes_per_token(2),
+        }
+        print(json.dumps(results["cache"]), flush=True)
+        if "decode" not in skip:
+            results["decode"] = bench_decode(path, [int(b) for b in args.batches.split(",")], args.prompt_len,
+                                             args.new, args.repeats)
+        ks = [int(k) for k in args.mtp_k.split(",")]
+        if "mtp" not in skip and cfg.num_nextn_predict_layers > 0:
+            label = "given checkpoint" if args.model else "random weights (untrained MTP)"
+            results["mtp"] = bench_mtp(path, args.prompt_len, args.new, ks, label, args.repeats)
+        if "synthetic" not in skip:
+            spath, prompts = synthetic_mtp_checkpoint(Path(tmp) / "synthetic")
+            results["mtp_synthetic"] = bench_mtp(spath, 16, min(args.new, 100), ks,
+                                                 "synthetic rule-trained tiny model", args.repeats, prompts)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
