@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("frugalm.model.commands", "print a checkpoint's config, parameter counts and KV-cache bytes/token"),
     "serve": ("frugalm.serve.commands", "OpenAI-compatible HTTP server (paged latent cache, MTP speculation) for a checkpoint"),
     "data": ("frugalm.data.commands", "prepare (or check) the tokenizer and token shards of a config's [data] section"),
+    "pipeline-sim": ("frugalm.parallel.sim_command", "simulate a pipeline schedule (1f1b/zb1p/dualpipe/dualpipev): bubble, memory, timeline PNG"),
     "plan": ("frugalm.plan.commands", "plan a training run (FLOPs, GPU-hours, cost, memory, comm), chips and export rules, published claims"),
 }
 
