@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("frugalm.serve.commands", "OpenAI-compatible HTTP server (paged latent cache, MTP speculation) for a checkpoint"),
     "data": ("frugalm.data.commands", "prepare (or check) the tokenizer and token shards of a config's [data] section"),
     "pipeline-sim": ("frugalm.parallel.sim_command", "simulate a pipeline schedule (1f1b/zb1p/dualpipe/dualpipev): bubble, memory, timeline PNG"),
+    "train": ("frugalm.train.train_command", "pre-train a DeepSeek-V3-style model (no arguments: the embedded tiny CPU default)"),
+    "generate": ("frugalm.train.generate_command", "sample a continuation of a prompt from a saved model"),
+    "eval": ("frugalm.train.eval_command", "loss and perplexity of a saved model on text files"),
     "plan": ("frugalm.plan.commands", "plan a training run (FLOPs, GPU-hours, cost, memory, comm), chips and export rules, published claims"),
 }
 

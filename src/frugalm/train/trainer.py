@@ -1,0 +1,745 @@
+"""The pre-training loop: data -> DeepSeek-V3 (+ MTP, balancing) -> AdamW, with exact, crash-safe resume.
+
+`train(run_cfg, out_dir, resume=False)` is the whole job; `Trainer` exposes its parts (`train_step`,
+`evaluate`, `save_checkpoint`, `load_checkpoint`, `export`) for code that builds on them (post-training,
+FP8, distributed). One optimizer step:
+
+1. for each of `grad_accum` micro-batches ``[B, T+1]``: forward with MTP under autocast; loss =
+   CE(main) + λ·mean_k CE(depth k) + α·Σ sequence-balance losses; backward of loss / grad_accum;
+   per-expert token counts summed;
+2. a NaN/Inf loss or gradient norm skips the update (counted; too many in a row stop the run);
+3. clip, AdamW step (LR from a pure function of the step), then the aux-loss-free bias update
+   ``b += γ·sign(mean_load − load)`` of every MoE router with that step's counts.
+
+Everything that influences the next step (weights, moments, router biases, step, data position, RNG
+states) is in the checkpoint, so on CPU a resumed run reproduces the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import frugalm
+from frugalm.config import ConfigError
+from frugalm.train import checkpoint as ckpt
+from frugalm.train.balance import ExpertLoadTracker, load_imbalance, moe_modules, update_expert_bias
+from frugalm.train.config import RunConfig, run_config_from_dict
+from frugalm.train.metrics import MetricsLogger, plot_run
+from frugalm.train.optim import AdamW, clip_gradients_
+from frugalm.train.schedule import lr_at
+
+
+CHECKPOINT_DIR = "checkpoints"
+FINAL_DIR = "final"
+CONFIG_FILE = "config.toml"
+SUMMARY_FILE = "summary.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps had a NaN/Inf loss or gradient; the run was stopped."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did (losses are means over its micro-batches)."""
+
+    step: int  # optimizer steps completed, this one included
+    loss: float  # main next-token cross-entropy
+    mtp_loss: float  # mean over MTP depths (nan without MTP)
+    balance_loss: float  # α-weighted sequence-wise balance loss (0 when α = 0)
+    total_loss: float  # what was differentiated
+    grad_norm: float  # before clipping
+    lr: float
+    tokens: int  # label tokens in this step
+    skipped: bool
+    counts: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class TrainSummary:
+    out_dir: str
+    steps: int
+    tokens: int
+    wall_s: float  # this invocation, setup included
+    train_s: float  # time inside optimizer steps, all invocations of the run
+    tokens_per_s: float  # tokens / train_s
+    final_loss: Optional[float]
+    final_val_loss: Optional[float]
+    first_val_loss: Optional[float]
+    skipped_steps: int
+    losses: dict[int, float]  # step -> main loss, for the steps run in this invocation
+    val_losses: dict[int, float]  # step -> val loss, this invocation
+    checkpoint: Optional[str]
+    final_model: Optional[str]
+    plot: Optional[str]
+    sample: Optional[str]
+    interrupted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["losses"] = {str(k): v for k, v in self.losses.items()}
+        d["val_losses"] = {str(k): v for k, v in self.val_losses.items()}
+        return d
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda, mps, xpu or cpu (first available); anything else must name an available device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        if hasattr(torch, "xpu") and torch.xpu.is_available():
+            return torch.device("xpu")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r} but this torch has no usable CUDA device; use 'auto' or 'cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device = {name!r} but MPS is not available; use 'auto' or 'cpu'")
+    return device
+
+
+# ---------------------------------------------------------------------------------------- RNG state
+def capture_rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, JSON) of the torch, numpy and Python RNGs, for the checkpoint (no pickle)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {
+        "python": [version, list(state), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], saved: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(tensors["torch_cpu"].to(torch.uint8))
+    if device.type == "cuda":
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in states])
+    version, state, gauss = saved["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------------------------------- model tensors
+def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's persistent state without aliases (tied weights stored once), plus alias -> stored name."""
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t
+    return out, aliases
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    state = dict(tensors)
+    for alias, source in aliases.items():
+        if source in state:
+            state[alias] = state[source]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}")
+        if wrong:
+            parts.append("shape mismatch " + ", ".join(
+                f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong[:5]))
+        raise ckpt.CheckpointError(
+            "checkpoint does not fit this model (was [model] changed?): " + "; ".join(parts)
+        )
+    model.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Owns the model, optimizer, data stream and run folder of one training run.
+
+    Subclass hooks: `compute_loss` (another objective on the same loop), `reduce_counts` (sum expert
+    loads over data-parallel ranks), `is_main` (which rank writes files and logs).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool | str | Path = False,
+        overwrite: bool = False,
+        progress: Optional[bool] = None,
+        data: Any = None,
+        log_fn: Optional[Callable[[str], None]] = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.t_start = time.perf_counter()
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.ckpt_root = self.out_dir / CHECKPOINT_DIR
+        self.progress = progress
+        self._log_fn = log_fn
+        # Data-parallel position: shards the data stream; only rank 0 writes files and logs.
+        self.rank, self.world_size = rank, world_size
+        self._check_out_dir(resume, overwrite)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tc = cfg.train
+
+        self.device = resolve_device(tc.device)
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        torch.manual_seed(tc.seed)
+        random.seed(tc.seed)
+        np.random.seed(tc.seed % 2**32)
+        self.autocast_dtype = torch.bfloat16 if tc.precision == "bf16" else None
+
+        # ---- data
+        from frugalm.data.prepare import prepare_data
+
+        self.data = data if data is not None else prepare_data(cfg.data, self.out_dir if self.is_main else None,
+                                                               progress=progress)
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+                f"({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}"
+            )
+        self.tokenizer = self.data.load_tokenizer()
+        self.sampler = self.data.train_sampler(tc.batch_size, tc.seq_len, tc.seed, rank=self.rank,
+                                               world_size=self.world_size)
+
+        # ---- model
+        from frugalm.model.transformer import DeepSeekV3
+
+        with torch.device(self.device):
+            self.model = DeepSeekV3(cfg.model)
+        self.model.init_weights(tc.seed)
+        self.model = self._apply_fp8(self.model)
+        self.model.train()
+        self.moe = moe_modules(self.model)
+        self.loads = ExpertLoadTracker(self.moe)
+        self.optimizer = AdamW(
+            self.model.named_parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
+            weight_decay=tc.weight_decay, bf16_moments=tc.bf16_moments,
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if tc.compile:
+            self._compile_blocks()
+
+        # ---- run state (all of it goes into checkpoints)
+        self.step = 0
+        self.tokens = 0
+        self.train_time = 0.0
+        self.consecutive_nonfinite = 0
+        self.skipped_steps = 0
+        self.last_val_loss: Optional[float] = None
+        self.resumed_from: Optional[Path] = None
+        if resume:
+            self._resume(resume)
+        if self.is_main:
+            (self.out_dir / CONFIG_FILE).write_text(cfg.to_toml())
+        self.metrics = MetricsLogger(self.out_dir, resume_step=self.step if self.resumed_from else None) \
+            if self.is_main else None
+        self._flops_per_token: Optional[float] = None
+        self._peak: Optional[float] = None
+        self._stop_signal: Optional[int] = None
+
+    # ------------------------------------------------------------------ hooks
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Sum per-expert counts over data-parallel ranks (identity on one process)."""
+        return counts
+
+    def say(self, message: str) -> None:
+        if not self.is_main:
+            return
+        if self._log_fn is not None:
+            self._log_fn(message)
+        else:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _check_out_dir(self, resume: bool | str | Path, overwrite: bool) -> None:
+        existing = ckpt.list_checkpoints(self.ckpt_root)
+        if resume or not existing:
+            return
+        if overwrite:
+            shutil.rmtree(self.ckpt_root)
+            for name in (FINAL_DIR, "tb"):
+                shutil.rmtree(self.out_dir / name, ignore_errors=True)
+            return
+        raise ConfigError(
+            f"{self.out_dir} already holds a training run ({existing[-1].name}); pass --resume to continue it, "
+            f"--overwrite to start again, or choose another --out"
+        )
+
+    def _apply_fp8(self, model: nn.Module) -> nn.Module:
+        """FP8 training (DeepSeek-V3 §3.3) is applied from outside the model, when [fp8] enabled."""
+        if not self.cfg.fp8.enabled:
+            return model
+        from frugalm.fp8.apply import apply_fp8, plan_fp8
+
+        self.say(plan_fp8(model, self.cfg.fp8).describe().splitlines()[0])
+        return apply_fp8(model, self.cfg.fp8)
+
+    def _compile_blocks(self) -> None:
+        """torch.compile attention and dense FFNs block by block (in place: parameter names are unchanged).
+
+        MoE blocks stay eager: dynamo's fake-tensor rule for torch._grouped_mm (torch 2.13) rejects the
+        FP32 operands the experts use, and their token dispatch is data-dependent anyway.
+        """
+        from frugalm.model.moe import MoE
+
+        blocks = list(self.model.model.layers) + [m.block for m in self.model.mtp]
+        for block in blocks:
+            block.self_attn.compile()
+            if not isinstance(block.mlp, MoE):
+                block.mlp.compile()
+
+    def _resume(self, resume: bool | str | Path) -> None:
+        if resume is True:
+            removed = ckpt.remove_partial_writes(self.ckpt_root)
+            for p in removed:
+                self.say(f"resume: removed the unfinished checkpoint write {p.name}")
+            path = ckpt.latest_valid_checkpoint(self.ckpt_root, quarantine=True)
+            if path is None:
+                self.say(f"resume: no checkpoint in {self.ckpt_root}; starting from step 0")
+                return
+        else:
+            path = Path(resume)
+        self.load_checkpoint(path)
+        self.say(f"resume: continuing from {path} (step {self.step}, {self.tokens:,} tokens)")
+
+    # ------------------------------------------------------------------ one step
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def compute_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss to differentiate for one micro-batch ``[B, T+1]`` and its parts (detached).
+
+        main: next-token CE; mtp: λ-free mean over depths of CE against labels[:, k:]; balance: α·Σ L_bal.
+        """
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        with self.autocast():
+            logits, mtp_logits = self.model.forward_with_mtp(inputs)
+        main = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        total = main
+        parts = {"loss": main.detach()}
+        if mtp_logits:
+            depth_losses = [
+                F.cross_entropy(lg.float().flatten(0, 1), labels[:, k:].flatten())
+                for k, lg in enumerate(mtp_logits, start=1)
+            ]
+            mtp = torch.stack(depth_losses).mean()
+            total = total + self.cfg.train.mtp_weight * mtp
+            parts["mtp_loss"] = mtp.detach()
+        balance = self.loads.balance_loss(self.cfg.model.aux_loss_alpha)
+        if balance is not None:
+            total = total + balance
+            parts["balance_loss"] = balance.detach()
+        return total, parts
+
+    def next_batch(self) -> torch.Tensor:
+        return next(self.sampler).to(self.device, non_blocking=True)
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over `grad_accum` micro-batches (or a skipped one if anything is non-finite)."""
+        tc = self.cfg.train
+        lr = lr_at(self.step, tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.loads.reset()
+        sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for _ in range(tc.grad_accum):
+            batch = self.next_batch()
+            total, parts = self.compute_loss(batch)
+            self.loads.collect()
+            (total / tc.grad_accum).backward()
+            tokens += batch.shape[0] * (batch.shape[1] - 1)
+            parts["total_loss"] = total.detach()
+            for k, v in parts.items():
+                sums[k] = sums[k] + v.float() if k in sums else v.float()
+        keys = list(sums)
+        # One device sync for all the scalars of the step.
+        values = dict(zip(keys, (torch.stack([sums[k] for k in keys]) / tc.grad_accum).tolist()))
+        grad_norm = clip_gradients_(self.params, tc.grad_clip).item()
+        finite = math.isfinite(values["total_loss"]) and math.isfinite(grad_norm)
+        self.step += 1
+        self.tokens += tokens
+        counts = dict(self.loads.counts)
+        if finite:
+            self.optimizer.step()
+            update_expert_bias(self.moe, counts, tc.bias_update_gamma, reduce=self.reduce_counts)
+            self.consecutive_nonfinite = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_nonfinite += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        result = StepResult(
+            step=self.step, loss=values["loss"], mtp_loss=values.get("mtp_loss", float("nan")),
+            balance_loss=values.get("balance_loss", 0.0), total_loss=values["total_loss"], grad_norm=grad_norm,
+            lr=lr, tokens=tokens, skipped=not finite, counts=counts,
+        )
+        if not finite:
+            self.say(f"step {self.step}: non-finite loss {values['total_loss']} / grad norm {grad_norm}; "
+                     f"update skipped ({self.consecutive_nonfinite} in a row)")
+            if self.consecutive_nonfinite >= tc.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.consecutive_nonfinite} consecutive steps (up to step {self.step}) had a NaN/Inf loss or "
+                    f"gradient (train.max_nonfinite_steps = {tc.max_nonfinite_steps}); the last valid checkpoint is "
+                    f"in {self.ckpt_root}. Lower train.lr, raise train.warmup_steps, use train.precision = 'fp32' "
+                    f"or check the data"
+                )
+        return result
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, max_batches: Optional[int] = None) -> float:
+        """Mean next-token cross-entropy over the first `eval_batches` validation batches."""
+        tc = self.cfg.train
+        batches = self.data.val_batches(tc.eval_batch_size or tc.batch_size, tc.seq_len,
+                                        max_batches=max_batches or tc.eval_batches,
+                                        rank=self.rank, world_size=self.world_size)
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        try:
+            for batch in batches:
+                batch = batch.to(self.device)
+                with self.autocast():
+                    logits = self.model(batch[:, :-1])
+                total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").double()
+                count += batch[:, 1:].numel()
+        finally:
+            self.model.train(was_training)
+        return float(total.item() / max(1, count))
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """(tensor files, JSON files) that fully describe the run at the current step."""
+        model_sd, aliases = model_tensors(self.model)
+        rng_tensors, rng_json = capture_rng_state(self.device)
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "train_time_s": self.train_time,
+            "consecutive_nonfinite": self.consecutive_nonfinite,
+            "skipped_steps": self.skipped_steps,
+            "last_val_loss": self.last_val_loss,
+            "sampler": self.sampler.state_dict(),
+            "optimizer": self.optimizer.scalar_state(),
+            "model_aliases": aliases,
+            "rng": rng_json,
+            "config": self.cfg.to_dict(),
+            "frugalm_version": frugalm.__version__,
+            "torch_version": torch.__version__,
+        }
+        tensors = {"model": model_sd, "optimizer": self.optimizer.tensor_state(), "rng": rng_tensors}
+        return tensors, {"state": state}
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Write the run state (rank 0 only: with replicated weights one copy is the whole state)."""
+        if not self.is_main:
+            return None
+        tensors, objects = self.checkpoint_state()
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, tensors, objects, keep=self.cfg.train.keep_checkpoints)
+        if self.metrics is not None:
+            self.metrics.sync()
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore model, optimizer, router biases, data position, counters and RNGs from `path`."""
+        loaded = ckpt.load_checkpoint(path, device=self.device)
+        state = loaded.json.get("state")
+        if not isinstance(state, dict) or not {"model", "optimizer", "rng"} <= set(loaded.tensors):
+            raise ckpt.CheckpointError(f"checkpoint {path} is not a frugalm training checkpoint (files missing)")
+        self._check_compatible(state.get("config", {}), path)
+        load_model_tensors(self.model, loaded.tensors["model"], state.get("model_aliases", {}))
+        try:
+            self.optimizer.load_tensor_state(loaded.tensors["optimizer"], state["optimizer"])
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"checkpoint {path}: {e}") from None
+        self.sampler.load_state_dict(state["sampler"])
+        restore_rng_state(loaded.tensors["rng"], state["rng"], self.device)
+        self.step = int(state["step"])
+        self.tokens = int(state["tokens"])
+        self.train_time = float(state.get("train_time_s", 0.0))
+        self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.last_val_loss = state.get("last_val_loss")
+        self.resumed_from = Path(path)
+
+    def _check_compatible(self, saved: dict[str, Any], path: str | Path) -> None:
+        """Refuse a checkpoint of another architecture; say which [train]/[data] settings changed."""
+        if not saved:
+            return
+        try:
+            saved_cfg = run_config_from_dict(saved)
+        except ConfigError as e:
+            raise ckpt.CheckpointError(f"checkpoint {path}: its saved config is unreadable ({e})") from None
+        mine = self.cfg.to_dict()
+        theirs = saved_cfg.to_dict()
+        model_diff = sorted(k for k in set(mine["model"]) | set(theirs["model"])
+                            if mine["model"].get(k) != theirs["model"].get(k))
+        if model_diff:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was made with a different [model] ({', '.join(model_diff)}); "
+                "resume with the run's own config.toml"
+            )
+        for section in ("train", "data"):
+            changed = sorted(k for k in mine[section] if mine[section].get(k) != theirs[section].get(k))
+            if changed:
+                self.say(f"resume: [{section}] differs from the checkpoint's run in: {', '.join(changed)}")
+
+    # ------------------------------------------------------------------ final artefacts
+    def export(self, path: Optional[str | Path] = None) -> Path:
+        """Hugging Face folder (config.json, safetensors incl. MTP, tokenizer), written atomically."""
+        final = Path(path) if path else self.out_dir / FINAL_DIR
+        tmp = final.with_name(f".tmp-{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save(tmp)
+        (tmp / "generation_config.json").write_text(json.dumps({
+            "bos_token_id": self.tokenizer.bos_id, "eos_token_id": self.tokenizer.eos_id,
+            "pad_token_id": self.tokenizer.pad_id, "do_sample": True,
+            "temperature": self.cfg.train.sample_temperature, "top_k": self.cfg.train.sample_top_k,
+        }, indent=2) + "\n")
+        if final.exists():
+            old = final.with_name(f".old-{final.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        return final
+
+    def sample(self) -> str:
+        from frugalm.train.generate import generate_text
+
+        tc = self.cfg.train
+        return generate_text(self.model, self.tokenizer, tc.sample_prompt, max_new_tokens=tc.sample_tokens,
+                             temperature=tc.sample_temperature, top_k=tc.sample_top_k, seed=tc.seed)
+
+    # ------------------------------------------------------------------ the loop
+    def _perf(self, tokens: int, seconds: float) -> tuple[float, float]:
+        """(tokens/s, MFU) of a measured interval."""
+        if seconds <= 0:
+            return float("nan"), float("nan")
+        tps = tokens / seconds
+        if self._flops_per_token is None:
+            from frugalm.train.perf import peak_flops, training_flops_per_token
+
+            self._flops_per_token = training_flops_per_token(self.cfg.model, self.cfg.train.seq_len)
+            self._peak = peak_flops(self.device, self.autocast_dtype or torch.float32, self.out_dir)
+        return tps, tps * self._flops_per_token / self._peak
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """SIGINT/SIGTERM stop the run at the next step boundary with a checkpoint; a second SIGINT aborts."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            self.say(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                     f"(Ctrl-C again to abort without one)")
+
+        for s in previous:
+            signal.signal(s, handler)
+
+        def restore() -> None:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return restore
+
+    def fit(self, *, stop_after: Optional[int] = None, checkpoint_on_stop: bool = True,
+            handle_signals: bool = False) -> TrainSummary:
+        """Train to `max_steps` (or `stop_after`), evaluating, logging and checkpointing on schedule.
+
+        `stop_after` ends the call after that step; with `checkpoint_on_stop=False` nothing is written
+        at the stop, which is how tests simulate a crash. At `max_steps` the run writes its final
+        checkpoint, the HF export in ``OUT/final``, the PNG, ``summary.json`` and a sample.
+        """
+        from tqdm.auto import tqdm
+
+        tc = self.cfg.train
+        summary_losses: dict[int, float] = {}
+        val_losses: dict[int, float] = {}
+        first_val: Optional[float] = None
+        restore_signals = self._install_signal_handlers() if handle_signals else (lambda: None)
+        bar = tqdm(total=tc.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=(not self.is_main) or (None if self.progress is None else not self.progress))
+        n_params = self.model.num_parameters()
+        counts_ = self.cfg.model.param_counts()
+        self.say(f"model: {n_params['main'] / 1e6:.2f}M parameters ({counts_['activated'] / 1e6:.2f}M activated/token)"
+                 f" + {n_params['mtp'] / 1e6:.2f}M MTP on {self.device}; data: {self.data.train_tokens:,} train / "
+                 f"{self.data.val_tokens:,} val tokens; {tc.max_steps} steps x {tc.tokens_per_step:,} tokens")
+        interval_tokens, interval_time = 0, 0.0
+        interval_counts: dict[str, torch.Tensor] = {}
+        last_ckpt: Optional[Path] = None
+        interrupted = False
+        result: Optional[StepResult] = None
+        try:
+            if self.step == 0 and tc.eval_every and self.resumed_from is None:
+                self.last_val_loss = first_val = self.evaluate()
+                val_losses[0] = first_val
+                self._log({"step": 0, "tokens": 0, "lr": lr_at(0, tc), "val_loss": first_val})
+            while self.step < tc.max_steps:
+                t0 = time.perf_counter()
+                result = self.train_step()
+                dt = time.perf_counter() - t0
+                self.train_time += dt
+                interval_time += dt
+                interval_tokens += result.tokens
+                for name, c in result.counts.items():
+                    interval_counts[name] = interval_counts[name] + c if name in interval_counts else c.clone()
+                summary_losses[self.step] = result.loss
+                final_step = self.step == tc.max_steps
+                record: dict[str, Any] = {}
+                if tc.eval_every and (self.step % tc.eval_every == 0 or final_step):
+                    self.last_val_loss = self.evaluate()
+                    val_losses[self.step] = self.last_val_loss
+                    if first_val is None:
+                        first_val = self.last_val_loss
+                    record["val_loss"] = self.last_val_loss
+                if self.step % tc.log_every == 0 or final_step or record:
+                    imbalance = max((load_imbalance(c) for c in result.counts.values()), default=float("nan"))
+                    tps, mfu = self._perf(interval_tokens, interval_time)
+                    record.update(self._step_record(result, tps, mfu, interval_counts))
+                    self._log(record)
+                    interval_tokens, interval_time, interval_counts = 0, 0.0, {}
+                    bar.set_postfix_str(self._postfix(result, tps, mfu, imbalance), refresh=False)
+                bar.update(1)
+                stop_now = self._stop_signal is not None or (stop_after is not None and self.step >= stop_after)
+                if (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or final_step or \
+                        (stop_now and checkpoint_on_stop and not final_step):
+                    last_ckpt = self.save_checkpoint()
+                if stop_now and not final_step:
+                    interrupted = True
+                    break
+        finally:
+            bar.close()
+            restore_signals()
+        summary = self._finish(summary_losses, val_losses, first_val, last_ckpt, interrupted)
+        if self._stop_signal is not None:
+            self.say(f"stopped at step {self.step}; continue with: frugalm train --out {self.out_dir} --resume")
+        return summary
+
+    def _step_record(self, r: StepResult, tps: float, mfu: float, counts: dict[str, torch.Tensor]) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "step": r.step, "loss": r.loss, "lr": r.lr, "tokens": self.tokens,
+            "tokens_per_s": tps, "mfu": mfu, "grad_norm": r.grad_norm, "total_loss": r.total_loss,
+            "skipped_steps": self.skipped_steps,
+        }
+        if not math.isnan(r.mtp_loss):
+            record["mtp_loss"] = r.mtp_loss
+        if self.cfg.model.aux_loss_alpha > 0:
+            record["balance_loss"] = r.balance_loss
+        if r.skipped:
+            record["skipped"] = True
+        if counts:
+            record["load_imbalance"] = max(load_imbalance(c) for c in counts.values())
+            record["expert_load"] = {
+                name: [round(float(x), 4) for x in (c.double() / max(1e-12, float(c.double().mean()))).tolist()]
+                for name, c in counts.items()
+            }
+            biases = [m.gate.e_score_correction_bias for m in self.moe.values()]
+            record["bias_abs_mean"] = float(torch.stack([b.abs().mean() for b in biases]).mean())
+        return record
+
+    @staticmethod
+    def _postfix(r: StepResult, tps: float, mfu: float, imbalance: float) -> str:
+        return (f"loss {r.loss:.3f} | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}% | lr {r.lr:.2e} | "
+                f"load max/mean {imbalance:.2f}")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.log(record)
+
+    def _finish(self, losses: dict[int, float], val_losses: dict[int, float], first_val: Optional[float],
+                last_ckpt: Optional[Path], interrupted: bool) -> TrainSummary:
+        tc = self.cfg.train
+        final_model = plot = sample = None
+        if self.is_main and not interrupted and self.step >= tc.max_steps:
+            final_model = str(self.export())
+            if self.metrics is not None:
+                self.metrics.sync()
+            png = plot_run(self.out_dir)
+            plot = str(png) if png else None
+            if tc.sample_tokens:
+                sample = self.sample()
+        if self.metrics is not None:
+            self.metrics.close()
+        summary = TrainSummary(
+            out_dir=str(self.out_dir), steps=self.step, tokens=self.tokens,
+            wall_s=time.perf_counter() - self.t_start, train_s=self.train_time,
+            tokens_per_s=self.tokens / self.train_time if self.train_time > 0 else float("nan"),
+            final_loss=losses[max(losses)] if losses else None, final_val_loss=self.last_val_loss,
+            first_val_loss=first_val, skipped_steps=self.skipped_steps, losses=losses, val_losses=val_losses,
+            checkpoint=str(last_ckpt) if last_ckpt else None, final_model=final_model, plot=plot, sample=sample,
+            interrupted=interrupted,
+        )
+        if self.is_main and not interrupted:
+            (self.out_dir / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        return summary
+
+
+def train(
+    run_cfg: RunConfig,
+    out_dir: str | Path,
+    resume: bool | str | Path = False,
+    *,
+    overwrite: bool = False,
+    progress: Optional[bool] = None,
+    handle_signals: bool = False,
+) -> TrainSummary:
+    """Run (or, with `resume`, continue) a training run into `out_dir`; returns its summary."""
+    trainer = Trainer(run_cfg, out_dir, resume=resume, overwrite=overwrite, progress=progress)
+    return trainer.fit(handle_signals=handle_signals)
