@@ -78,12 +78,21 @@ def test_bias_changes_selection_not_weights_gradient():
     assert router.weight.grad is not None and router.e_score_correction_bias.grad is None
 
 
-def test_grouped_gemm_matches_per_expert_loop_and_fallback(monkeypatch):
+@pytest.mark.parametrize("path", ["padded_bmm", "grouped_mm", "per_expert_loop"])
+def test_grouped_gemm_paths_match_per_expert_reference(monkeypatch, path):
+    """Every layout of the expert GEMM (padded bmm, torch._grouped_mm, loop) gives the same values and grads."""
     torch.manual_seed(0)
     x = torch.randn(50, 24, requires_grad=True)
-    w = torch.randn(6, 10, 24, requires_grad=True)
+    w = torch.randn(6, 12, 24, requires_grad=True)
     counts = torch.tensor([7, 0, 13, 20, 0, 10])
     offs = counts.cumsum(0).to(torch.int32)
+    real_padded = moe_mod._use_padded
+    if path == "padded_bmm":
+        monkeypatch.setattr(moe_mod, "_use_padded", lambda x, offs: real_padded(x, offs, max_pad=10.0))
+    else:
+        monkeypatch.setattr(moe_mod, "_use_padded", lambda *a: None)
+    if path == "per_expert_loop":
+        monkeypatch.setattr(moe_mod, "_grouped_mm_supported", lambda *a: False)
     ref = torch.cat([xe @ we.t() for xe, we in zip(x.split(counts.tolist()), w)])
     y = moe_mod.grouped_linear(x, w, offs)
     assert torch.allclose(y, ref, atol=1e-5)
@@ -91,8 +100,13 @@ def test_grouped_gemm_matches_per_expert_loop_and_fallback(monkeypatch):
     dx, dw = torch.autograd.grad(y, (x, w), g)
     rdx, rdw = torch.autograd.grad(ref, (x, w), g)
     assert torch.allclose(dx, rdx, atol=1e-4) and torch.allclose(dw, rdw, atol=1e-4)
-    monkeypatch.setattr(moe_mod, "_grouped_mm_supported", lambda *a: False)
-    assert torch.allclose(moe_mod.grouped_linear(x, w, offs), ref, atol=1e-5)
+
+
+def test_padding_is_refused_when_load_is_skewed():
+    offs = torch.tensor([97, 98, 99, 100], dtype=torch.int32)  # one expert holds almost every row
+    assert moe_mod._use_padded(torch.zeros(100, 8), offs) is None
+    balanced = torch.tensor([25, 50, 75, 100], dtype=torch.int32)
+    assert moe_mod._use_padded(torch.zeros(100, 8), balanced) is not None
 
 
 def test_moe_matches_dense_reference():
