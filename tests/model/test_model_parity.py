@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from frugalm_testing import tiny_config
 from frugalm import from_pretrained
 from frugalm.model.transformer import DeepSeekV3
 

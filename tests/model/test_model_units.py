@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from frugalm_testing import tiny_config
 from frugalm import from_pretrained
 from frugalm.config import ConfigError
 from frugalm.model import moe as moe_mod
@@ -159,3 +159,17 @@ def test_corrupt_or_missing_checkpoint_is_refused(tmp_path):
     f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(ConfigError, match="unreadable safetensors"):
         from_pretrained(tmp_path)
+
+
+def test_moe_trains_under_bf16_autocast():
+    """Forward and backward of the MoE under CPU bf16 autocast, with FP32 weights receiving FP32 grads."""
+    cfg = tiny_config()
+    model = DeepSeekV3(cfg).init_weights(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, mtp = model.forward_with_mtp(ids)
+        loss = logits.float().logsumexp(-1).mean() + mtp[0].float().logsumexp(-1).mean()
+    loss.backward()
+    w = model.moe_layers()[0].experts.gate_up_proj
+    assert w.dtype == torch.float32 and w.grad is not None and w.grad.dtype == torch.float32
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0

@@ -13,7 +13,7 @@ from frugalm.parallel.expert_placement import ep_rank_loads, nodes_per_token, pl
 from frugalm.parallel.mesh import ParallelMesh, axis_ranks, init_distributed, local_device, select_backend
 from frugalm.parallel.parallelize import parallelize
 
-from conftest import tiny_config
+from frugalm_testing import tiny_config
 
 
 # ---------------------------------------------------------------------------------------- config

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from frugalm_testing import tiny_config
 from frugalm.model.transformer import DeepSeekV3
 
 TIE = 1e-4  # logits closer than this are a numerical tie; either token is a correct greedy choice

@@ -124,6 +124,12 @@ class _GroupedLinear(torch.autograd.Function):
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x [N, in] sorted by expert, w [E, out, in], offs [E] int32 cumulative row ends -> [N, out]."""
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast does not reach inside an autograd Function's backward: cast once here instead, so both
+        # passes see one dtype (the cast is differentiable, so FP32 master weights still get gradients).
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            return grouped_linear(x.to(dtype), w.to(dtype), offs)
     layout = _use_padded(x, offs) if x.dtype == w.dtype else None
     if layout is not None or _grouped_mm_supported(x, w):
         return _GroupedLinear.apply(x, w, offs, layout)
@@ -247,4 +253,4 @@ class MoE(nn.Module):
         token = order // K
         out = self.experts(x[token], offs)
         out = out * routing.weights.reshape(-1, 1)[order].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token, out)
+        return torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add_(0, token, out)
