@@ -1,4 +1,5 @@
-"""`TrainConfig` (the `[train]` section) and `RunConfig`, the whole run: `[model]` `[data]` `[train]` `[fp8]`.
+"""`TrainConfig` (the `[train]` section) and `RunConfig`, the whole run: `[model]` `[data]` `[train]` `[fp8]`
+`[parallel]`.
 
 A run is fully described by one TOML file plus `--set section.key=value` overrides; the resolved
 result is written to ``OUT/config.toml`` so any run can be reproduced from its folder alone. The
@@ -20,9 +21,10 @@ from frugalm.config import ConfigError, apply_overrides, dump_toml, from_dict, l
 from frugalm.data.config import DataConfig
 from frugalm.fp8.config import FP8Config
 from frugalm.model.config import ModelConfig
+from frugalm.parallel.config import ParallelConfig
 
 DEFAULT_CONFIG = "tiny"
-SECTIONS = ("model", "data", "train", "fp8")
+SECTIONS = ("model", "data", "train", "fp8", "parallel")
 
 
 @dataclass
@@ -129,6 +131,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
+    # Data/expert-parallel layout under torchrun (ignored by a single process with dp = ep = 1).
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_position_embeddings:
@@ -192,6 +196,7 @@ def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
         data=from_dict(DataConfig, raw.get("data", {}), "data"),
         train=from_dict(TrainConfig, raw.get("train", {}), "train"),
         fp8=from_dict(FP8Config, raw.get("fp8", {}), "fp8"),
+        parallel=from_dict(ParallelConfig, raw.get("parallel", {}), "parallel"),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if summary.interrupted:
         return 130
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the first rank reports for all
+        return 0
     print(f"done: {summary.steps} steps, {summary.tokens:,} tokens in {summary.wall_s:.0f} s "
           f"({summary.tokens_per_s:,.0f} tokens/s while training)")
     if summary.final_loss is not None:

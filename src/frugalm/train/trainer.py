@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -215,11 +216,23 @@ class Trainer:
         self._log_fn = log_fn
         # Data-parallel position: shards the data stream; only rank 0 writes files and logs.
         self.rank, self.world_size = rank, world_size
-        self._check_out_dir(resume, overwrite)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         tc = cfg.train
+        # Under torchrun (or a [parallel] layout asking for more than one rank): join the process group.
+        # A plain single process keeps mesh = None and the exact single-process path below.
+        self.mesh = None
+        if cfg.parallel.pp > 1:
+            raise ConfigError("[parallel] pp > 1: pipeline parallelism is not wired into the trainer yet "
+                              "(frugalm.parallel.pipeline exists but `frugalm train` supports dp and ep only)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel.dp > 1 or cfg.parallel.ep > 1:
+            from frugalm.parallel.mesh import init_distributed
 
-        self.device = resolve_device(tc.device)
+            self.mesh = init_distributed(cfg.parallel, resolve_device(tc.device))
+            self.rank, self.world_size = self.mesh.dp_ep_rank, self.mesh.data_parallel_size
+        self._check_out_dir(resume, overwrite)
+        self._barrier()  # rank 0 has cleared an --overwrite run before anyone goes on
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+        self.device = resolve_device(tc.device) if self.mesh is None else self.mesh.device
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
         torch.manual_seed(tc.seed)
@@ -230,8 +243,12 @@ class Trainer:
         # ---- data
         from frugalm.data.prepare import prepare_data
 
+        if data is None and not self.is_main:
+            self._barrier()  # rank 0 prepares (trains the tokenizer) first; the others then read its cache
         self.data = data if data is not None else prepare_data(cfg.data, self.out_dir if self.is_main else None,
                                                                progress=progress)
+        if data is None and self.is_main:
+            self._barrier()
         if self.data.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
@@ -248,6 +265,11 @@ class Trainer:
             self.model = DeepSeekV3(cfg.model)
         self.model.init_weights(tc.seed)
         self.model = self._apply_fp8(self.model)
+        if self.mesh is not None:  # after init on the full model (same seed everywhere), before AdamW
+            from frugalm.parallel.parallelize import parallelize
+
+            self.model = parallelize(self.model, self.mesh, cfg.parallel)
+            self.say(f"parallel: {self.mesh.describe()}")
         self.model.train()
         self.moe = moe_modules(self.model)
         self.loads = ExpertLoadTracker(self.moe)
@@ -283,8 +305,18 @@ class Trainer:
         return self.rank == 0
 
     def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        """Sum per-expert counts over data-parallel ranks (identity on one process)."""
+        """Sum per-expert counts over data-parallel ranks (identity on one process; under a mesh the step's
+        counts are already reduced over ``dp_ep`` in `train_step`)."""
         return counts
+
+    def _group(self, axis: str = "dp_ep"):
+        return self.mesh.group(axis) if self.mesh is not None else None
+
+    def _barrier(self) -> None:
+        if self.mesh is not None and self.mesh.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def say(self, message: str) -> None:
         if not self.is_main:
@@ -302,6 +334,8 @@ class Trainer:
         if resume or not existing:
             return
         if overwrite:
+            if not self.is_main:
+                return
             shutil.rmtree(self.ckpt_root)
             for name in (FINAL_DIR, "tb"):
                 shutil.rmtree(self.out_dir / name, ignore_errors=True)
@@ -336,10 +370,16 @@ class Trainer:
 
     def _resume(self, resume: bool | str | Path) -> None:
         if resume is True:
-            removed = ckpt.remove_partial_writes(self.ckpt_root)
-            for p in removed:
-                self.say(f"resume: removed the unfinished checkpoint write {p.name}")
-            path = ckpt.latest_valid_checkpoint(self.ckpt_root, quarantine=True)
+            if self.mesh is not None and not self.is_main:
+                self._barrier()  # rank 0 cleans up and quarantines first; the others then find the same one
+                path = ckpt.latest_valid_checkpoint(self.ckpt_root)
+            else:
+                removed = ckpt.remove_partial_writes(self.ckpt_root)
+                for p in removed:
+                    self.say(f"resume: removed the unfinished checkpoint write {p.name}")
+                path = ckpt.latest_valid_checkpoint(self.ckpt_root, quarantine=True)
+                if self.mesh is not None:
+                    self._barrier()
             if path is None:
                 self.say(f"resume: no checkpoint in {self.ckpt_root}; starting from step 0")
                 return
@@ -391,23 +431,44 @@ class Trainer:
         self.loads.reset()
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
-        for _ in range(tc.grad_accum):
+        for i in range(tc.grad_accum):
             batch = self.next_batch()
             total, parts = self.compute_loss(batch)
             self.loads.collect()
-            (total / tc.grad_accum).backward()
+            if self.mesh is not None and i < tc.grad_accum - 1:
+                from frugalm.parallel.data_parallel import no_gradient_sync
+
+                with no_gradient_sync(self.model):  # accumulate locally; the last backward reduces
+                    (total / tc.grad_accum).backward()
+            else:
+                (total / tc.grad_accum).backward()
             tokens += batch.shape[0] * (batch.shape[1] - 1)
             parts["total_loss"] = total.detach()
             for k, v in parts.items():
                 sums[k] = sums[k] + v.float() if k in sums else v.float()
         keys = list(sums)
+        stacked = torch.stack([sums[k] for k in keys]) / tc.grad_accum
+        if self.mesh is not None:
+            from frugalm.parallel.data_parallel import clip_grad_norm_
+            from frugalm.parallel.expert_parallel import all_reduce_counts
+
+            # Every rank logs the same (global-batch mean) losses and takes the same skip decision.
+            if self._group() is not None:
+                import torch.distributed as dist
+
+                dist.all_reduce(stacked, group=self._group())
+                stacked = stacked / self.mesh.data_parallel_size
+            tokens *= self.mesh.data_parallel_size
+            grad_norm = clip_grad_norm_(self.model, tc.grad_clip, self.mesh).item()
+            counts = all_reduce_counts(self.loads.counts, self._group())
+        else:
+            grad_norm = clip_gradients_(self.params, tc.grad_clip).item()
+            counts = dict(self.loads.counts)
         # One device sync for all the scalars of the step.
-        values = dict(zip(keys, (torch.stack([sums[k] for k in keys]) / tc.grad_accum).tolist()))
-        grad_norm = clip_gradients_(self.params, tc.grad_clip).item()
+        values = dict(zip(keys, stacked.tolist()))
         finite = math.isfinite(values["total_loss"]) and math.isfinite(grad_norm)
         self.step += 1
         self.tokens += tokens
-        counts = dict(self.loads.counts)
         if finite:
             self.optimizer.step()
             update_expert_bias(self.moe, counts, tc.bias_update_gamma, reduce=self.reduce_counts)
@@ -445,8 +506,18 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
+        n_batches = len(batches)
+        if self._group() is not None:
+            import torch.distributed as dist
+
+            # Under EP every forward is a collective: all ranks run the same number of batches.
+            n = torch.tensor(n_batches, dtype=torch.int64, device=self.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self._group())
+            n_batches = int(n.item())
         try:
-            for batch in batches:
+            for i, batch in enumerate(batches):
+                if i >= n_batches:
+                    break
                 batch = batch.to(self.device)
                 with self.autocast():
                     logits = self.model(batch[:, :-1])
@@ -454,12 +525,34 @@ class Trainer:
                 count += batch[:, 1:].numel()
         finally:
             self.model.train(was_training)
+        if self._group() is not None:
+            import torch.distributed as dist
+
+            both = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=self.device)])
+            dist.all_reduce(both, group=self._group())
+            total, count = both[0], int(both[1].item())
         return float(total.item() / max(1, count))
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         """(tensor files, JSON files) that fully describe the run at the current step."""
-        model_sd, aliases = model_tensors(self.model)
+        optimizer_tensors = self.optimizer.tensor_state()
+        if self.mesh is None:
+            model_sd, aliases = model_tensors(self.model)
+        else:  # collectives: every rank gathers the single-process (full) tensors
+            from frugalm.parallel.checkpoint import full_optimizer_state, full_state_dict
+
+            # Tied weights by parameter identity (FSDP's DTensors have no storage to compare).
+            first: dict[int, str] = {}
+            aliases = {}
+            for name, p in self.model.named_parameters(remove_duplicate=False):
+                if id(p) in first:
+                    aliases[name] = first[id(p)]
+                else:
+                    first[id(p)] = name
+            full = full_state_dict(self.model, self.mesh, to_cpu=True)
+            model_sd = {k: v for k, v in full.items() if k not in aliases}
+            optimizer_tensors = full_optimizer_state(optimizer_tensors, self.model, self.mesh)
         rng_tensors, rng_json = capture_rng_state(self.device)
         state = {
             "step": self.step,
@@ -476,14 +569,17 @@ class Trainer:
             "frugalm_version": frugalm.__version__,
             "torch_version": torch.__version__,
         }
-        tensors = {"model": model_sd, "optimizer": self.optimizer.tensor_state(), "rng": rng_tensors}
+        tensors = {"model": model_sd, "optimizer": optimizer_tensors, "rng": rng_tensors}
         return tensors, {"state": state}
 
     def save_checkpoint(self) -> Optional[Path]:
-        """Write the run state (rank 0 only: with replicated weights one copy is the whole state)."""
-        if not self.is_main:
+        """Write the run state (rank 0 only: with replicated weights one copy is the whole state; under a
+        mesh every rank takes part in gathering the full state, then rank 0 writes it)."""
+        if not self.is_main and self.mesh is None:
             return None
         tensors, objects = self.checkpoint_state()
+        if not self.is_main:
+            return None
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, tensors, objects, keep=self.cfg.train.keep_checkpoints)
         if self.metrics is not None:
             self.metrics.sync()
@@ -496,9 +592,23 @@ class Trainer:
         if not isinstance(state, dict) or not {"model", "optimizer", "rng"} <= set(loaded.tensors):
             raise ckpt.CheckpointError(f"checkpoint {path} is not a frugalm training checkpoint (files missing)")
         self._check_compatible(state.get("config", {}), path)
-        load_model_tensors(self.model, loaded.tensors["model"], state.get("model_aliases", {}))
+        optimizer_tensors = loaded.tensors["optimizer"]
+        if self.mesh is None:
+            load_model_tensors(self.model, loaded.tensors["model"], state.get("model_aliases", {}))
+        else:  # a full (single-process) state: each rank keeps its shard, whatever layout saved it
+            from frugalm.parallel.checkpoint import load_full_state_dict, local_optimizer_state
+
+            full = dict(loaded.tensors["model"])
+            for alias, source in state.get("model_aliases", {}).items():
+                if source in full:
+                    full[alias] = full[source]
+            try:
+                load_full_state_dict(self.model, full, self.mesh)
+                optimizer_tensors = local_optimizer_state(optimizer_tensors, self.model, self.mesh)
+            except ValueError as e:
+                raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model: {e}") from None
         try:
-            self.optimizer.load_tensor_state(loaded.tensors["optimizer"], state["optimizer"])
+            self.optimizer.load_tensor_state(optimizer_tensors, state["optimizer"])
         except ValueError as e:
             raise ckpt.CheckpointError(f"checkpoint {path}: {e}") from None
         self.sampler.load_state_dict(state["sampler"])
@@ -538,8 +648,16 @@ class Trainer:
         """Hugging Face folder (config.json, safetensors incl. MTP, tokenizer), written atomically."""
         final = Path(path) if path else self.out_dir / FINAL_DIR
         tmp = final.with_name(f".tmp-{final.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.mesh is None:
+            self.model.save_pretrained(tmp)
+        else:  # every rank gathers the full weights; rank 0 writes the plain model's HF folder
+            from frugalm.parallel.checkpoint import export_pretrained
+
+            export_pretrained(self.model, self.mesh, tmp)
+            if not self.is_main:
+                return final
         self.tokenizer.save(tmp)
         (tmp / "generation_config.json").write_text(json.dumps({
             "bos_token_id": self.tokenizer.bos_id, "eos_token_id": self.tokenizer.eos_id,
@@ -707,13 +825,16 @@ class Trainer:
                 last_ckpt: Optional[Path], interrupted: bool) -> TrainSummary:
         tc = self.cfg.train
         final_model = plot = sample = None
-        if self.is_main and not interrupted and self.step >= tc.max_steps:
+        if (self.is_main or self.mesh is not None) and not interrupted and self.step >= tc.max_steps:
             final_model = str(self.export())
+        if self.is_main and not interrupted and self.step >= tc.max_steps:
             if self.metrics is not None:
                 self.metrics.sync()
             png = plot_run(self.out_dir)
             plot = str(png) if png else None
-            if tc.sample_tokens:
+            if tc.sample_tokens and self.mesh is not None:
+                self.say(f"sample skipped under torch.distributed; try: frugalm generate --model {final_model}")
+            elif tc.sample_tokens:
                 sample = self.sample()
         if self.metrics is not None:
             self.metrics.close()
@@ -742,4 +863,10 @@ def train(
 ) -> TrainSummary:
     """Run (or, with `resume`, continue) a training run into `out_dir`; returns its summary."""
     trainer = Trainer(run_cfg, out_dir, resume=resume, overwrite=overwrite, progress=progress)
-    return trainer.fit(handle_signals=handle_signals)
+    try:
+        return trainer.fit(handle_signals=handle_signals)
+    finally:
+        if trainer.mesh is not None:
+            from frugalm.parallel.mesh import shutdown_distributed
+
+            shutdown_distributed()

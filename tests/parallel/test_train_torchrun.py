@@ -1,0 +1,138 @@
+"""`torchrun -m frugalm train` under data- and expert-parallel layouts, against single-process runs.
+
+The sampler splits each global batch into per-rank slices (rank r reads windows ``[r*b, (r+1)*b)`` of the
+global batch), so ``batch_size=2`` on 2 ranks sees exactly the data of ``batch_size=4`` on one process
+and the logged (all-reduced) losses must agree within fp32 summation-order tolerance. The schedule is
+WSD with no decay so the learning rate of a step does not depend on ``max_steps`` (a 2-step run resumed
+to 3 steps follows the 3-step reference).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from frugalm.config import ConfigError, dump_toml
+
+pytestmark = pytest.mark.multiproc
+
+VOCAB = 320
+MODEL = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
+    num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1,
+    num_experts_per_tok=2, n_group=4, topk_group=2, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+    qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, num_nextn_predict_layers=1,
+    max_position_embeddings=64, aux_loss_alpha=1e-3,
+)
+TRAIN = dict(
+    max_steps=3, seed=7, batch_size=4, seq_len=16, lr=3e-3, min_lr=3e-4, warmup_steps=2, schedule="wsd",
+    decay_fraction=0.0, eval_every=0, checkpoint_every=0, log_every=1, sample_tokens=0, device="cpu",
+    bias_update_gamma=0.01, num_threads=1,
+)
+RTOL = 2e-5  # fp32: only the summation order of gradients/losses differs
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+
+def _single(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "frugalm", "train", "--no-progress", *args],
+                          capture_output=True, text=True, timeout=240, env=_env())
+
+
+def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={nproc}", "-m", "frugalm", "train", "--no-progress", *args],
+                          capture_output=True, text=True, timeout=240, env=_env())
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"metrics.jsonl written by more than one rank: steps {steps}"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from pydoc_data import topics
+
+    root = tmp_path_factory.mktemp("torchrun")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, key in enumerate(sorted(topics.topics)[:40]):
+        (corpus / f"{i:03d}.txt").write_text(topics.topics[key][:2500])
+    config = root / "tiny.toml"
+    config.write_text(dump_toml({
+        "model": MODEL,
+        "data": {"path": str(corpus), "vocab_size": VOCAB, "val_fraction": 0.1, "cache_dir": str(root / "cache")},
+        "train": TRAIN,
+    }))
+    ref = root / "single"
+    proc = _single("--config", str(config), "--out", str(ref))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = _losses(ref)
+    assert sorted(losses) == [1, 2, 3]
+    return root, config, losses
+
+
+def test_ep2_matches_single_process_and_resumes_single_process(setup):
+    root, config, ref = setup
+    out = root / "ep2"
+    proc = _torchrun(2, "--config", str(config), "--out", str(out), "--set", "parallel.ep=2",
+                     "--set", "train.batch_size=2", "--set", "train.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("done: 2 steps") == 1  # only rank 0 reports
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2]
+    for step in (1, 2):
+        assert math.isclose(losses[step], ref[step], rel_tol=RTOL), (step, losses[step], ref[step])
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")] == ["step-000002"]
+    assert (out / "final" / "config.json").is_file()  # HF export of the gathered (full) model
+
+    # The ep2 checkpoint holds full tensors: a single process continues it to step 3 like the reference.
+    proc = _single("--out", str(out), "--resume", "--set", "parallel.ep=1", "--set", "train.batch_size=4",
+                   "--set", "train.max_steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "continuing from" in proc.stderr and "step 2" in proc.stderr
+    resumed = _losses(out)
+    assert sorted(resumed) == [1, 2, 3]
+    assert math.isclose(resumed[3], ref[3], rel_tol=RTOL), (resumed[3], ref[3])
+
+
+def test_dp2_matches_single_process(setup):
+    root, config, ref = setup
+    out = root / "dp2"
+    proc = _torchrun(2, "--config", str(config), "--out", str(out), "--set", "parallel.dp=2",
+                     "--set", "train.batch_size=2", "--set", "train.max_steps=1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = _losses(out)
+    assert sorted(losses) == [1]
+    assert math.isclose(losses[1], ref[1], rel_tol=RTOL), (losses[1], ref[1])
+
+
+def test_pipeline_parallel_is_refused_with_a_clear_error(tmp_path):
+    from frugalm.train.config import load_run_config
+    from frugalm.train.trainer import Trainer
+
+    cfg = load_run_config("tiny", ["parallel.pp=2"])
+    with pytest.raises(ConfigError, match="pipeline parallelism is not wired into the trainer"):
+        Trainer(cfg, tmp_path / "run")
+
+
+def test_dp2_ep2_on_four_processes_matches_single_process(setup):
+    root, config, ref = setup
+    out = root / "dp2ep2"
+    proc = _torchrun(4, "--config", str(config), "--out", str(out), "--set", "parallel.dp=2",
+                     "--set", "parallel.ep=2", "--set", "train.batch_size=1", "--set", "train.max_steps=1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses = _losses(out)
+    assert sorted(losses) == [1]
+    assert math.isclose(losses[1], ref[1], rel_tol=RTOL), (losses[1], ref[1])
