@@ -1,0 +1,168 @@
+"""Forward+backward tokens/s and peak memory: frugalm's DeepSeekV3 vs transformers' DeepseekV3, same weights.
+
+Both models are built from one config and share weights (ours is saved, transformers loads it); each
+timing round runs both on the same batch, alternating, so machine noise hits both alike. MFU is
+measured against this machine's own dense fp32 `torch.matmul` rate, taken in the same run.
+Peak memory is measured per implementation in a fresh child process (peak RSS growth over the
+post-load baseline during fwd+bwd), since CPU allocations are not tracked by torch.
+
+    python benchmarks/model_vs_transformers.py [--rounds 5] [--batch 4] [--seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from frugalm.model.config import ModelConfig
+from frugalm.model.transformer import DeepSeekV3
+
+COMMON = dict(
+    vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+    q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+    intermediate_size=1024, first_k_dense_replace=1, max_position_embeddings=1024, num_nextn_predict_layers=0,
+)
+CONFIGS = {
+    # DeepSeek-shaped: many small routed experts, top-8, 2 shared, group-limited (8 groups, keep 4).
+    "fine": dict(n_routed_experts=256, moe_intermediate_size=64, num_experts_per_tok=8, n_shared_experts=2,
+                 n_group=8, topk_group=4),
+    # Coarse: few large experts.
+    "coarse": dict(n_routed_experts=32, moe_intermediate_size=256, num_experts_per_tok=4, n_shared_experts=1,
+                   n_group=1, topk_group=1),
+}
+
+
+def model_config(name: str) -> ModelConfig:
+    return ModelConfig(**COMMON, **CONFIGS[name])
+
+
+def flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    """Training FLOPs/token: 6 x activated non-embedding parameters (head included) + causal attention."""
+    try:
+        from frugalm.plan.flops import flops_per_token as planner_flops
+
+        return float(planner_flops(cfg, seq, training=True, include_mtp=False))
+    except ImportError:
+        active = cfg.param_counts()["activated"] - cfg.vocab_size * cfg.hidden_size  # embedding lookup is free
+        attn = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq  # fwd 2*T/2 MACs
+        return 6 * active + 3 * attn
+
+
+def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def build(name: str, impl: str, path: str):
+    """Our model, or transformers' loaded from the same saved weights."""
+    if impl == "frugalm":
+        import frugalm
+
+        return frugalm.from_pretrained(path).train()
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    m.train()
+    if impl.startswith("hf-"):
+        m.set_experts_implementation(impl[3:])
+    return m
+
+
+def step(model, ids: torch.Tensor) -> None:
+    out = model(ids)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    logits.float().logsumexp(-1).mean().backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def time_impls(models: dict, ids: torch.Tensor, rounds: int) -> tuple[dict[str, float], float]:
+    """Best-of-rounds tokens/s per implementation, and the best matmul rate seen between them."""
+    for m in models.values():
+        step(m, ids)  # warm-up
+    best = {k: float("inf") for k in models}
+    rate = 0.0
+    for _ in range(rounds):
+        rate = max(rate, matmul_rate(reps=2))
+        for k, m in models.items():
+            t = time.perf_counter()
+            step(m, ids)
+            best[k] = min(best[k], time.perf_counter() - t)
+    return {k: ids.numel() / v for k, v in best.items()}, rate
+
+
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child_memory(name: str, impl: str, path: str, batch: int, seq: int) -> None:
+    """Peak RSS growth of one fwd+bwd over the loaded model (Linux: VmHWM reset via clear_refs)."""
+    model = build(name, impl, path)
+    ids = torch.randint(0, COMMON["vocab_size"], (batch, seq))
+    step(model, ids)  # first step allocates lazily-created buffers; measure the steady state
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    step(model, ids)
+    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - base) / 1024}))
+
+
+def peak_memory(name: str, impl: str, path: str, batch: int, seq: int) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", name, impl, path, str(batch), str(seq)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--configs", default="fine,coarse")
+    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        name, impl, path, b, s = args.child
+        child_memory(name, impl, path, int(b), int(s))
+        return
+    torch.manual_seed(0)
+    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}")
+    for name in args.configs.split(","):
+        cfg = model_config(name)
+        with tempfile.TemporaryDirectory() as path:
+            DeepSeekV3(cfg).init_weights(0).save_pretrained(path)
+            impls = ["frugalm", "hf-eager", "hf-grouped_mm"]
+            models = {k: build(name, k, path) for k in impls}
+            ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+            tps, rate = time_impls(models, ids, args.rounds)
+            hf_best = max(("hf-eager", "hf-grouped_mm"), key=lambda k: tps[k])
+            mem = {k: peak_memory(name, k, path, args.batch, args.seq) for k in ("frugalm", hf_best)}
+        fpt = flops_per_token(cfg, args.seq)
+        print(f"\n[{name}] {cfg.n_routed_experts} experts x {cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}, "
+              f"{cfg.n_shared_experts} shared, groups {cfg.n_group}/{cfg.topk_group}; batch {args.batch}x{args.seq}; "
+              f"{fpt / 1e6:.1f} MFLOP/token; dense fp32 matmul 2048^3 (best in run): {rate / 1e9:.1f} GFLOP/s")
+        for k in impls:
+            mfu = tps[k] * fpt / rate
+            print(f"  {k:15s} {tps[k]:9.0f} tokens/s   {100 * mfu:5.1f}% of matmul rate")
+        print(f"  speed-up frugalm / transformers ({hf_best}): {tps['frugalm'] / tps[hf_best]:.2f}x")
+        print(f"  peak memory fwd+bwd: frugalm {mem['frugalm']:.0f} MiB, transformers {mem[hf_best]:.0f} MiB "
+              f"({mem[hf_best] / max(mem['frugalm'], 1e-9):.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
