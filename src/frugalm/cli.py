@@ -21,6 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("frugalm.train.generate_command", "sample a continuation of a prompt from a saved model"),
     "eval": ("frugalm.train.eval_command", "loss and perplexity of a saved model on text files"),
     "plan": ("frugalm.plan.commands", "plan a training run (FLOPs, GPU-hours, cost, memory, comm), chips and export rules, published claims"),
+    "sft": ("frugalm.reason.commands.sft", "supervised fine-tuning on a reasoning task's reference answers (loss on assistant tokens)"),
+    "grpo": ("frugalm.reason.commands.grpo", "GRPO / Dr. GRPO / DAPO with rule-checked rewards on a task"),
+    "distill": ("frugalm.reason.commands.distill", "rejection-sample verified traces from a teacher (or a JSONL), SFT a student"),
+    "eval-task": ("frugalm.reason.commands.eval_task", "pass@1 (greedy, sampled), pass@k, maj@k, format rate on a task"),
+    "r1": ("frugalm.reason.commands.r1", "the R1 recipe at toy scale: pre-trained -> SFT -> GRPO -> distilled student"),
 }
 
 

@@ -1,0 +1,41 @@
+"""`frugalm distill`: rejection-sample verified traces from a teacher (or read a JSONL), SFT a student."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from frugalm.reason.commands.common import add_config_args, add_run_args, fail, load_config, load_task, progress_flag, save_config
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", metavar="DIR", help="teacher checkpoint that samples the traces")
+    parser.add_argument("--traces", metavar="FILE.jsonl",
+                        help="black-box traces {prompt, completion[, answer]} instead of a teacher")
+    parser.add_argument("--student", metavar="DIR",
+                        help="student checkpoint (frugalm or any transformers causal LM); default: a fresh, "
+                             "smaller frugalm model from [distill] student_config")
+    add_config_args(parser)
+    add_run_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from frugalm.reason.stages import distill_stage
+    from frugalm.reason.tasks import TaskError
+
+    if not args.teacher and not args.traces:
+        return fail("distill", "give --teacher DIR (rejection sampling) or --traces FILE.jsonl")
+    cfg = load_config(args)
+    try:
+        task = load_task(cfg) if (args.task or args.teacher or args.config) else None
+        save_config(cfg, args.out)
+        s = distill_stage(task, cfg, args.out, teacher=args.teacher, student=args.student, traces_path=args.traces,
+                          resume=args.resume, overwrite=args.overwrite, progress=progress_flag(args),
+                          handle_signals=True)
+    except (TaskError, ValueError) as e:
+        return fail("distill", str(e))
+    if s.get("interrupted"):
+        return 130
+    print("traces: " + json.dumps(s["traces"]))
+    print(f"student ({s['student_kind']}): {s.get('final_model')}")
+    return 0

@@ -1,0 +1,126 @@
+"""SFT for students that are not frugalm models (any transformers causal LM), with SFT's objective.
+
+frugalm's `Trainer` builds its own DeepSeek-V3, so it cannot host a foreign architecture; this loop
+reuses its parts instead (AdamW, the LR schedule, gradient clipping, atomic safetensors checkpoints,
+metrics.jsonl) and the same masked batches as `frugalm.reason.sft`. Checkpoints hold the model,
+optimizer and data position, so `resume=True` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from frugalm.config import ConfigError
+from frugalm.reason.config import SFTConfig
+from frugalm.reason.policy import Policy
+from frugalm.reason.sft import masked_cross_entropy, train_config_for
+from frugalm.reason.sft_data import IGNORE_INDEX, SFTData, split_masked
+from frugalm.train import checkpoint as ckpt
+from frugalm.train.metrics import MetricsLogger, plot_run
+from frugalm.train.optim import AdamW, clip_gradients_
+from frugalm.train.schedule import lr_at
+from frugalm.train.trainer import load_model_tensors, model_tensors
+
+
+@torch.no_grad()
+def masked_val_loss(policy: Policy, data: SFTData, batch_size: int, seq_len: int, max_batches: int) -> float:
+    total, count = 0.0, 0
+    was = policy.model.training
+    policy.model.eval()
+    try:
+        for batch in data.val_batches(batch_size, seq_len, max_batches=max_batches):
+            inputs, labels = split_masked(batch.to(policy.device))
+            n = int((labels != IGNORE_INDEX).sum())
+            if n:
+                total += float(masked_cross_entropy(policy.logits(inputs), labels, reduction="sum"))
+                count += n
+    finally:
+        policy.model.train(was)
+    return total / count if count else float("nan")
+
+
+def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Path, *, resume: bool = False,
+               overwrite: bool = False, progress: Optional[bool] = None) -> dict[str, Any]:
+    """Train `policy` in place; writes OUT/metrics.jsonl, OUT/checkpoints, OUT/final (HF folder) and a PNG."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    root = out / "checkpoints"
+    if ckpt.list_checkpoints(root) and not resume:
+        if not overwrite:
+            raise ConfigError(f"{out} already holds an SFT run; pass --resume or --overwrite")
+        shutil.rmtree(root)
+    out.mkdir(parents=True, exist_ok=True)
+    tc = train_config_for(sft)
+    if sft.num_threads:
+        torch.set_num_threads(sft.num_threads)
+    torch.manual_seed(sft.seed)
+    model = policy.model.train()
+    optimizer = AdamW(model.named_parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
+                      weight_decay=tc.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sampler = data.train_sampler(tc.batch_size, tc.seq_len, tc.seed)
+    step = 0
+    if resume and (path := ckpt.latest_valid_checkpoint(root, quarantine=True)) is not None:
+        loaded = ckpt.load_checkpoint(path, device=policy.device)
+        state = loaded.json["state"]
+        load_model_tensors(model, loaded.tensors["model"], state["model_aliases"])
+        optimizer.load_tensor_state(loaded.tensors["optimizer"], state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        step = int(state["step"])
+    metrics = MetricsLogger(out, resume_step=step if step else None, tensorboard=False)
+    t0 = time.perf_counter()
+    losses: dict[int, float] = {}
+    val: dict[int, float] = {}
+    bar = tqdm(total=tc.max_steps, initial=step, desc="sft", unit="step",
+               disable=None if progress is None else not progress)
+
+    def save() -> None:
+        sd, aliases = model_tensors(model)
+        ckpt.save_checkpoint(root, step, {"model": sd, "optimizer": optimizer.tensor_state()},
+                             {"state": {"step": step, "model_aliases": aliases, "optimizer": optimizer.scalar_state(),
+                                        "sampler": sampler.state_dict()}}, keep=tc.keep_checkpoints)
+        metrics.sync()
+
+    try:
+        while step < tc.max_steps:
+            lr = lr_at(step, tc)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            total = 0.0
+            for _ in range(tc.grad_accum):
+                inputs, labels = split_masked(next(sampler).to(policy.device))
+                loss = masked_cross_entropy(policy.logits(inputs), labels)
+                (loss / tc.grad_accum).backward()
+                total += float(loss.detach()) / tc.grad_accum
+            norm = float(clip_gradients_(params, tc.grad_clip))
+            if math.isfinite(total) and math.isfinite(norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses[step] = total
+            record: dict[str, Any] = {"step": step, "loss": total, "lr": lr, "grad_norm": norm}
+            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
+                val[step] = record["val_loss"] = masked_val_loss(policy, data, tc.batch_size, tc.seq_len, tc.eval_batches)
+            if step % tc.log_every == 0 or "val_loss" in record or step == tc.max_steps:
+                metrics.log(record)
+            bar.update(1)
+            bar.set_postfix_str(f"loss {total:.3f}", refresh=False)
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
+                save()
+    finally:
+        bar.close()
+        metrics.close()
+    final = policy.save(out / "final")
+    plot = plot_run(out)
+    summary = {"steps": step, "final_loss": losses.get(step), "val_losses": val, "wall_s": time.perf_counter() - t0,
+               "final_model": str(final), "plot": str(plot) if plot else None}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary

@@ -1,0 +1,148 @@
+"""What a reasoning completion must look like, stated once: ``<think>…</think><answer>…</answer>`` then EOS.
+
+Everything that produces or reads completions uses this module: the SFT targets (`render_response`),
+the prompt (`build_prompt_ids`, which appends nothing after the chat template's generation prompt, so
+the model itself must open ``<think>``: R1 templates that pre-fill it break format rewards, see
+DeepSeek-R1#352), the rewards (`extract_answer`, `format_ok`) and evaluation. Changing the contract
+means changing this file only.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+
+# Appended to every question (a user-turn suffix; no system prompt, as R1's README advises).
+DEFAULT_INSTRUCTION = "Think in <think></think>, then answer in <answer></answer>."
+
+_ANSWER_RE = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.DOTALL)
+_FORMAT_RE = re.compile(
+    r"^\s*" + re.escape(THINK_OPEN) + r"(?P<think>.*?)" + re.escape(THINK_CLOSE)
+    + r"\s*" + re.escape(ANSWER_OPEN) + r"(?P<answer>.*?)" + re.escape(ANSWER_CLOSE) + r"\s*$",
+    re.DOTALL,
+)
+_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+
+def render_response(reasoning: str, answer: str) -> str:
+    """The assistant text a perfect completion contains (EOS is added by the chat template / sampler)."""
+    return f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
+
+
+def user_message(question: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+    return f"{question}\n{instruction}" if instruction else question
+
+
+def build_messages(question: str, instruction: str = DEFAULT_INSTRUCTION) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user_message(question, instruction)}]
+
+
+_SENTINEL = "\x00frugalm-question\x00"
+# (template, special tokens) -> (prefix, suffix) of a rendered one-user-turn prompt: a memo of a pure function
+_TEMPLATE_SPLITS: dict[tuple[str, ...], Optional[tuple[str, str]]] = {}
+
+
+def _template_split(tokenizer: Any) -> Optional[tuple[str, str]]:
+    """Render the chat template once around a sentinel and keep the text before and after it.
+
+    Rendering a Jinja chat template costs milliseconds (it is compiled on every call), which dominates
+    building thousands of prompts. A template that inserts the message verbatim renders any question as
+    prefix + message + suffix; that is checked on a real message before the split is trusted, and a
+    template that does anything else with the content falls back to full rendering.
+    """
+    key = tuple(str(getattr(tokenizer, a, "")) for a in ("chat_template", "bos_token", "eos_token", "pad_token"))
+    if key not in _TEMPLATE_SPLITS:
+        split = None
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], add_generation_prompt=True,
+                                             tokenize=False)
+        if text.count(_SENTINEL) == 1:
+            prefix, suffix = text.split(_SENTINEL)
+            probe = user_message("12+34=?")
+            full = tokenizer.apply_chat_template([{"role": "user", "content": probe}], add_generation_prompt=True,
+                                                 tokenize=False)
+            if full == prefix + probe + suffix:
+                split = (prefix, suffix)
+        _TEMPLATE_SPLITS[key] = split
+    return _TEMPLATE_SPLITS[key]
+
+
+def build_prompt_ids(tokenizer: Any, question: str, instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
+    """Token ids of the prompt: the chat template with the generation prompt and nothing after it."""
+    split = _template_split(tokenizer)
+    if split is None:
+        return list(tokenizer.apply_chat_template(build_messages(question, instruction), add_generation_prompt=True,
+                                                  tokenize=True))
+    prefix, suffix = split
+    return list(tokenizer.encode(prefix + user_message(question, instruction) + suffix, add_special_tokens=False))
+
+
+def _boxed_contents(text: str) -> list[str]:
+    """Contents of every ``\\boxed{...}`` with balanced braces (unbalanced ones are ignored)."""
+    out = []
+    start = 0
+    while True:
+        i = text.find("\\boxed{", start)
+        if i < 0:
+            return out
+        j = i + len("\\boxed{")
+        depth = 1
+        k = j
+        while k < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[k], 0)
+            k += 1
+        if depth == 0:
+            out.append(text[j:k - 1])
+        start = j
+
+
+def extract_answer(completion: str) -> Optional[str]:
+    """The final answer: the last ``<answer>…</answer>``, else the last ``\\boxed{…}``, else None.
+
+    The last one wins because models that re-check themselves ("wait, …") restate the answer at the end.
+    Surrounding whitespace is stripped; an empty answer counts as no answer.
+    """
+    if not isinstance(completion, str):
+        return None
+    found = _ANSWER_RE.findall(completion)
+    if not found:
+        found = _boxed_contents(completion)
+    if not found:
+        return None
+    answer = found[-1].strip()
+    return answer or None
+
+
+def format_ok(completion: str) -> bool:
+    """Exactly one ``<think>…</think>`` followed by exactly one ``<answer>…</answer>``, nothing else around."""
+    if not isinstance(completion, str):
+        return False
+    m = _FORMAT_RE.match(completion)
+    if m is None:
+        return False
+    return all(completion.count(tag) == 1 for tag in _TAGS) and bool(m.group("answer").strip())
+
+
+def normalize_answer(text: Optional[str]) -> Optional[str]:
+    """Canonical form for exact-match comparison and majority voting: collapsed whitespace, and numbers
+    written the same way ("007" and "7.0" -> "7"; commas as thousands separators dropped)."""
+    if text is None:
+        return None
+    s = " ".join(str(text).split())
+    num = s.replace(",", "") if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s) else s
+    if re.fullmatch(r"[-+]?\d+(\.\d+)?", num):
+        if "." in num:
+            num = num.rstrip("0").rstrip(".")
+        sign = "-" if num.startswith("-") else ""
+        digits = num.lstrip("+-").lstrip("0") or "0"
+        if digits.startswith("."):
+            digits = "0" + digits
+        return "0" if digits == "0" else sign + digits
+    return s
+
+
+def completion_texts(tokenizer: Any, completions: Sequence[Sequence[int]]) -> list[str]:
+    """Decode completion ids the way rewards see them: special tokens (EOS) dropped, tags kept."""
+    return [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in completions]

@@ -1,0 +1,98 @@
+"""Distillation (rejection sampling with a checker, JSONL traces, fresh frugalm or transformers students)
+and evaluation metrics on real generations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from frugalm.reason.config import load_reason_config
+from frugalm.reason.distill import Trace, read_traces, rejection_sample, write_traces
+from frugalm.reason.evaluate import evaluate_task
+from frugalm.reason.policy import load_policy
+from frugalm.reason.response_format import render_response
+from frugalm.reason.stages import distill_stage
+from frugalm.reason.tasks import AdditionTask
+
+TASK = AdditionTask(max_size=2, heldout_size=3)
+
+
+def _cfg(**extra):
+    sets = ["distill.sft.max_steps=3", "distill.sft.batch_size=4", "distill.sft.seq_len=96", "distill.sft.eval_every=0",
+            "distill.sft.checkpoint_every=0", "distill.sft.device='cpu'", "distill.sft.val_examples=4",
+            "distill.device='cpu'", "eval.device='cpu'", "task.max_size=2", "task.heldout_size=3"]
+    sets += [f"{k}={v}" for k, v in extra.items()]
+    return load_reason_config(None, sets)
+
+
+def _traces(n: int = 12) -> list[Trace]:
+    good = [Trace(e.prompt, render_response(e.reasoning, e.answer), e.answer) for e in TASK.examples("train", n, 0)]
+    return good
+
+
+def test_jsonl_traces_are_verified(tmp_path):
+    traces = _traces(6)
+    traces[0] = Trace(traces[0].prompt, render_response("", "12345"), traces[0].answer)  # wrong answer
+    traces[1] = Trace(traces[1].prompt, "<answer>" + traces[1].answer + "</answer>", traces[1].answer)  # bad format
+    rows = [{**t.__dict__, **TASK.examples("train", 6, 0)[i].columns} for i, t in enumerate(traces)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    kept, stats = read_traces(path, TASK)
+    assert len(kept) == 4 and stats.verified == 4 and stats.prompts == 6
+    assert len(read_traces(path, TASK, require_format=False)[0]) == 5
+    assert len(read_traces(path, None)[0]) == 6  # black-box, unchecked
+
+
+def test_rejection_sampling_keeps_only_verified_completions(tiny_model_dir):
+    teacher = load_policy(tiny_model_dir, device="cpu")
+    cfg = _cfg(**{"distill.num_prompts": 6, "distill.samples_per_prompt": 3, "distill.max_completion_length": 8})
+    traces, stats = rejection_sample(teacher, TASK, cfg.distill, cfg.task)
+    assert stats.samples == 18 and stats.kept == len(traces) <= stats.verified
+    assert stats.verified == 0  # a random-weight teacher never writes a correct, well-formed answer
+
+
+def test_distill_into_fresh_smaller_frugalm_student(tiny_model_dir, tmp_path):
+    path = write_traces(tmp_path / "in.jsonl", _traces())
+    cfg = _cfg(**{"distill.student_overrides": "{num_hidden_layers = 2, hidden_size = 32, num_nextn_predict_layers = 0}"})
+    out = distill_stage(TASK, cfg, tmp_path / "run", teacher=tiny_model_dir, traces_path=path, progress=False,
+                        export_to=tmp_path / "student")
+    assert out["traces"]["kept"] == 12 and out["student_kind"] == "frugalm"
+    student = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert student["num_hidden_layers"] == 2 and student["hidden_size"] == 32
+    assert (tmp_path / "student" / "tokenizer.json").is_file()
+    assert (tmp_path / "run" / "traces.jsonl").is_file()
+
+
+def test_distill_into_a_transformers_student(tokenizer_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from frugalm.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=160,
+                                   bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    student_dir = tmp_path / "llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(student_dir, safe_serialization=True)
+    tok.save(student_dir)
+    path = write_traces(tmp_path / "in.jsonl", _traces())
+    out = distill_stage(TASK, _cfg(), tmp_path / "run", student=student_dir, traces_path=path, progress=False,
+                        export_to=tmp_path / "student")
+    assert out["student_kind"] == "hf" and out["steps"] == 3
+    policy = load_policy(tmp_path / "student", device="cpu")
+    assert policy.kind == "hf"
+    r = evaluate_task(policy, TASK, split="test", n=4, k=2, temperature=1.0, top_p=1.0, max_tokens=6,
+                      instruction=_cfg().task.instruction)
+    assert r.n == 4 and 0 <= r.pass_at_1 <= 1 and r.mean_length > 0
+
+
+def test_evaluate_task_metrics_are_consistent(tiny_model_dir):
+    policy = load_policy(tiny_model_dir, device="cpu")
+    cfg = _cfg()
+    r = evaluate_task(policy, TASK, split="heldout", n=6, k=4, temperature=1.0, top_p=0.9, max_tokens=8,
+                      instruction=cfg.task.instruction, seed=3)
+    again = evaluate_task(policy, TASK, split="heldout", n=6, k=4, temperature=1.0, top_p=0.9, max_tokens=8,
+                          instruction=cfg.task.instruction, seed=3)
+    assert r.to_dict(with_samples=False) | {"seconds": 0} == again.to_dict(with_samples=False) | {"seconds": 0}
+    assert r.n == 6 and r.mean_length <= 8 and r.truncated_rate > 0.5
+    assert 0 <= r.pass_at_1_sampled <= r.pass_at_k <= 1 and 0 <= r.maj_at_k <= r.pass_at_k

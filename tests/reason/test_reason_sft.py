@@ -1,0 +1,82 @@
+"""SFT: chat formatting, the loss mask through the trainer's batch format, packing, and a run on frugalm's
+trainer that resumes bit for bit (the trainer's checkpoints/resume are reused, not re-implemented)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from frugalm.data.tokenizer import load_tokenizer
+from frugalm.reason.config import SFTConfig
+from frugalm.reason.response_format import DEFAULT_INSTRUCTION, build_messages
+from frugalm.reason.sft import build_sft_data, run_sft, task_pairs
+from frugalm.reason.sft_data import IGNORE_INDEX, SFTExample, encode_row, pack, split_masked, tokenize_pair
+from frugalm.reason.tasks import AdditionTask
+
+
+def test_tokenized_pair_is_the_chat_template(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    ex = tokenize_pair(tok, "12+34=?", "<think>2+4=6, 1+3=4</think><answer>46</answer>", DEFAULT_INSTRUCTION)
+    full = tok.apply_chat_template(build_messages("12+34=?") + [
+        {"role": "assistant", "content": "<think>2+4=6, 1+3=4</think><answer>46</answer>"}])
+    assert list(ex.prompt_ids + ex.response_ids) == full
+    assert ex.response_ids[-1] == tok.eos_id
+
+
+def test_loss_mask_survives_the_trainers_batch_format():
+    a = SFTExample(prompt_ids=(0, 10, 11), response_ids=(20, 21, 1))
+    b = SFTExample(prompt_ids=(0, 12), response_ids=(22, 1))
+    row = encode_row([a, b], width=12, pad_id=2, completion_only=True)
+    inputs, labels = split_masked(torch.from_numpy(row)[None])
+    assert inputs[0].tolist() == [0, 10, 11, 20, 21, 1, 0, 12, 22, 1, 2]
+    I = IGNORE_INDEX
+    # labels[t] is the token at t+1: response tokens (and their EOS) only; prompts and padding ignored
+    assert labels[0].tolist() == [I, I, 20, 21, 1, I, I, 22, 1, I, I]
+    row = encode_row([a], width=6, pad_id=2, completion_only=False)
+    _, labels = split_masked(torch.from_numpy(row)[None])
+    assert labels[0].tolist() == [10, 11, 20, 21, 1]  # whole sequence except BOS
+
+
+def test_packing_keeps_examples_whole():
+    exs = [SFTExample((0,) * 3, (5,) * 2)] * 3 + [SFTExample((0,) * 6, (5,) * 4)]
+    assert pack(exs, width=11, packing=True) == [[0, 1], [2], [3]]
+    assert pack(exs, width=11, packing=False) == [[0], [1], [2], [3]]
+
+
+def _cfg(**kw) -> SFTConfig:
+    base = dict(max_steps=4, batch_size=4, seq_len=96, eval_every=2, eval_batches=1, checkpoint_every=2,
+                log_every=1, device="cpu", num_examples=24, val_examples=4, warmup_steps=1, lr=3e-3, min_lr=3e-4)
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def test_sft_runs_on_the_trainer_and_resumes_exactly(tiny_model_dir, tmp_path):
+    tok = load_tokenizer(tiny_model_dir)
+    task = AdditionTask(max_size=3, heldout_size=4)
+    cfg = _cfg()
+    data = lambda: build_sft_data(tok, task_pairs(task, "train", 24, 0), task_pairs(task, "test", 4, 0), cfg,  # noqa: E731
+                                  DEFAULT_INSTRUCTION)
+    full = run_sft(tiny_model_dir, tmp_path / "full", data(), cfg, progress=False)
+    assert full.final_model and full.steps == 4
+    assert full.val_losses[4] < full.val_losses[0]  # it learns the assistant tokens
+    part = run_sft(tiny_model_dir, tmp_path / "part", data(), cfg, progress=False, stop_after=2)
+    assert part.interrupted and part.final_model is None
+    resumed = run_sft(tiny_model_dir, tmp_path / "part", data(), cfg, progress=False, resume=True)
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "part" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.final_loss == full.final_loss
+    # starts from the given checkpoint, not from random weights: step-0 val loss equals the base model's
+    from frugalm.reason.sft import SFTTrainer, sft_run_config
+
+    t = SFTTrainer(sft_run_config(tiny_model_dir, cfg), tmp_path / "fresh", init_from=tiny_model_dir, data=data(),
+                   progress=False)
+    assert t.evaluate() == pytest.approx(full.val_losses[0], rel=1e-6)
+    t.metrics.close()
+
+
+def test_sft_rejects_examples_that_never_fit(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    with pytest.raises(ValueError, match="raise sft.seq_len"):
+        build_sft_data(tok, [("1+1=?", "<think>x</think><answer>2</answer>")], [], _cfg(seq_len=8), DEFAULT_INSTRUCTION)
