@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from frugalm.cli import main
 
 SMALL_TASK = ["--set", "task.max_size=2", "--set", "task.heldout_size=3"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from frugalm.reason.config import GRPOConfig, TaskConfig
+from frugalm.reason.config import GRPOConfig
 from frugalm.reason.grpo.trainer import GRPOTrainer
 from frugalm.reason.policy import load_policy
 from frugalm.reason.response_format import build_prompt_ids

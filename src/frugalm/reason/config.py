@@ -135,9 +135,10 @@ class GRPOConfig:
     reward_weights: Optional[list[float]] = None  # None: 1.0 each
     overlong_buffer: int = 16  # soft overlong penalty ramp (only with the "overlong" reward)
     train_size: int = 5000  # training prompts in the pool (cycled in a seeded order)
-    eval_every: int = 10  # held-out pass@1 every N steps (0: never)
+    eval_every: int = 10  # greedy pass@1 on held-out problems every N steps (0: never)
     eval_size: int = 64
-    eval_split: Literal["train", "test", "heldout"] = "heldout"
+    # "test": unseen problems of the training distribution; "heldout": longer operands (extrapolation).
+    eval_split: Literal["train", "test", "heldout"] = "test"
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -208,8 +209,9 @@ class DistillConfig:
     verify_traces: bool = True  # check JSONL traces with the task's checker and drop failures
     # A fresh frugalm student: a TOML with a [model] section or an embedded config name, plus
     # [model] field overrides. Ignored when a student checkpoint is given.
-    student_config: Optional[str] = None
-    student_overrides: dict = field(default_factory=dict)
+    student_config: Optional[str] = None  # None: the embedded "tiny" config
+    # Default: tiny's width with 2 of its 4 layers and no MTP module (about half the parameters).
+    student_overrides: dict = field(default_factory=lambda: {"num_hidden_layers": 2, "num_nextn_predict_layers": 0})
     seed: int = 0
     device: str = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -275,6 +277,8 @@ class R1Config:
     # Every stage is evaluated on [eval] split (held-out, longer operands) and also on this split
     # (None: only the former), so a model that cannot extrapolate still shows what each stage did.
     also_eval_split: Optional[Literal["train", "test", "heldout"]] = "test"
+    # Problems per stage evaluation (None: [eval] n); k, temperature etc. come from [eval].
+    eval_n: Optional[int] = None
     run_grpo: bool = True
     run_distill: bool = True
     # A student checkpoint for distillation; None builds a fresh one from [distill] student_config.

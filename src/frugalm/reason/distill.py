@@ -115,8 +115,6 @@ def write_traces(path: str | Path, traces: Sequence[Trace]) -> Path:
 
 def init_fresh_student(cfg: DistillConfig, tokenizer: Any, out_dir: str | Path, *, max_len: int) -> Path:
     """A randomly initialised frugalm student (HF folder + the teacher's tokenizer) from `student_config`."""
-    import tomllib
-
     from frugalm.model.config import ModelConfig
     from frugalm.model.transformer import DeepSeekV3
     from frugalm.train.config import read_config_source

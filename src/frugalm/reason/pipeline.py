@@ -90,7 +90,7 @@ class R1Pipeline:
             splits.append((f"stages_{extra}", extra))
         result: dict[str, Any] = {}
         for key, split in splits:
-            r = eval_stage(model, task, self.cfg, split=split)
+            r = eval_stage(model, task, self.cfg, split=split, n=self.cfg.r1.eval_n)
             d = r.to_dict()
             self.say(f"[{name}] {split}: pass@1 {d['pass_at_1']:.3f} (sampled {d['pass_at_1_sampled']:.3f}), "
                      f"pass@{r.k} {d['pass_at_k']:.3f}, maj@{r.k} {d['maj_at_k']:.3f}, format {d['format_rate']:.2f}, "
@@ -222,16 +222,26 @@ class R1Pipeline:
             if "sft" not in s or "grpo" not in s:
                 continue
             a, b = s["sft"], s["grpo"]
-            d1 = b["pass_at_1"] - a["pass_at_1"]
-            dk = (b.get("pass_at_k") or 0) - (a.get("pass_at_k") or 0)
-            if d1 > 0.02 and dk > 0.02:
-                text = "GRPO raised both pass@1 and pass@k: it added ability, not only sharpening"
-            elif d1 > 0.02:
-                text = "GRPO raised pass@1 but not pass@k: it sharpened what SFT put in place"
+            d1, m1 = _difference(a, b, "pass_at_1")
+            dk, mk = _difference(a, b, "pass_at_k")
+            if d1 > m1 and dk > mk:
+                text = "GRPO raised both pass@1 and pass@k beyond noise: it added ability, not only sharpening"
+            elif d1 > m1:
+                text = "GRPO raised pass@1 but not pass@k beyond noise: it sharpened what SFT put in place"
             else:
-                text = "GRPO did not raise greedy pass@1 by more than 2 points"
-            out[split] = {"delta_pass_at_1": d1, "delta_pass_at_k": dk, "summary": f"{split}: {text}"}
+                text = f"GRPO's pass@1 change ({d1:+.3f}) is within noise (±{m1:.3f}, 2 standard errors)"
+            out[split] = {"delta_pass_at_1": d1, "margin_pass_at_1": m1, "delta_pass_at_k": dk, "margin_pass_at_k": mk,
+                          "summary": f"{split}: {text}"}
         return out
+
+
+def _difference(a: dict[str, Any], b: dict[str, Any], key: str) -> tuple[float, float]:
+    """b − a of a rate measured on n problems each, and 2 standard errors of that difference."""
+    import math
+
+    pa, pb = a.get(key) or 0.0, b.get(key) or 0.0
+    se = math.sqrt(pa * (1 - pa) / max(1, a["n"]) + pb * (1 - pb) / max(1, b["n"]))
+    return pb - pa, 2 * se
 
 
 def run_r1(cfg: ReasonConfig, out_dir: str | Path, *, progress: Optional[bool] = None) -> dict[str, Any]:

@@ -19,10 +19,10 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from frugalm.reason.config import SFTConfig, TaskConfig
+from frugalm.reason.config import SFTConfig
 from frugalm.reason.response_format import render_response
-from frugalm.reason.sft_data import IGNORE_INDEX, SFTData, SFTExample, split_masked, tokenize_pair
-from frugalm.reason.tasks.base import Example, Task
+from frugalm.reason.sft_data import IGNORE_INDEX, SFTData, split_masked, tokenize_pair
+from frugalm.reason.tasks.base import Task
 from frugalm.train.config import RunConfig, TrainConfig
 from frugalm.train.trainer import Trainer, TrainSummary
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from frugalm.reason.config import ReasonConfig, SFTConfig
 from frugalm.reason.distill import (
-    TRACES_FILE, Trace, init_fresh_student, read_traces, rejection_sample, student_kind, write_traces,
+    TRACES_FILE, init_fresh_student, read_traces, rejection_sample, student_kind, write_traces,
 )
 from frugalm.reason.evaluate import EvalResult, evaluate_task
 from frugalm.reason.policy import checkpoint_kind, load_policy, load_tokenizer_for
