@@ -68,7 +68,7 @@ def test_parallel_training_matches_single_process(world: int, tmp_path: Path, re
     assert codes == [0] * world, f"exit codes {codes}\n{errors}"
     for layout in LAYOUTS[world]:
         name = layout["name"]
-        results = [torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=False) for r in range(world)]
+        results = [torch.load(tmp_path / f"{name}-rank{r}.pt", weights_only=True) for r in range(world)]
         got = results[0]
         for i, (step, ref) in enumerate(zip(got["steps"], reference["steps"])):
             assert step["loss"] == pytest.approx(ref["loss"], rel=1e-6), (name, i)
