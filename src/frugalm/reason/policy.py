@@ -96,15 +96,9 @@ class Policy:
         self.tokenizer.save(tmp)
         if self.source is not None and (self.source / "generation_config.json").is_file() and self.kind == "frugalm":
             shutil.copy(self.source / "generation_config.json", tmp / "generation_config.json")
-        if out.exists():
-            old = out.with_name(f".old-{out.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-        return out
+        from frugalm.train.checkpoint import replace_dir
+
+        return replace_dir(tmp, out)
 
 
 def load_tokenizer_for(path: str | Path) -> Any:

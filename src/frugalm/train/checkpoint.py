@@ -51,6 +51,19 @@ class Checkpoint:
     manifest: dict[str, Any]
 
 
+def replace_dir(tmp: Path, final: Path) -> Path:
+    """Move a fully written folder into place, replacing an existing one, so readers never see half of it."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    return final
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 

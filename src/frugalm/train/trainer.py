@@ -664,15 +664,9 @@ class Trainer:
             "pad_token_id": self.tokenizer.pad_id, "do_sample": True,
             "temperature": self.cfg.train.sample_temperature, "top_k": self.cfg.train.sample_top_k,
         }, indent=2) + "\n")
-        if final.exists():
-            old = final.with_name(f".old-{final.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        return final
+        from frugalm.train.checkpoint import replace_dir
+
+        return replace_dir(tmp, final)
 
     def sample(self) -> str:
         from frugalm.train.generate import generate_text
