@@ -6,7 +6,10 @@ pipeline bubble is (PP/2-1)(F&B+B-3W) against 1F1B's (PP-1)(F+B). This script ru
 residual MLP blocks cut into the schedule's stages; DualPipeV cuts it into 2*PP smaller stages), and
 prints for every schedule:
 
-* the median step time and its ratio to 1F1B;
+* the median step time (and its min-max over the timed steps) and the median of the *paired* ratios
+  to 1F1B: step i of every schedule runs right after step i of the others (round-robin), so a burst of
+  load from other processes hits neighbouring steps alike and the per-step ratio cancels most of it;
+  the min-max of those ratios is printed as the spread;
 * the mean CPU time / wall time of the ranks during that step (well below 1 - idle fraction means other
   processes took the cores: the timings are then not clean);
 * the measured idle fraction (largest per-rank idle time / makespan, from the executor's own timeline);
@@ -134,6 +137,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     p.add_argument("--png-dir", default=None, help="draw each schedule's measured timeline here")
+    p.add_argument("--json", default=None, help="also write the per-schedule summary here")
     args = p.parse_args()
     cfg = {k: getattr(args, k) for k in ("micro", "blocks", "dim", "tokens", "steps", "warmup")}
     cfg["schedules"] = [s for s in args.schedules.split(",") if s]
@@ -157,12 +161,14 @@ def main() -> None:
 
     print(f"pp={args.pp} micro={args.micro} blocks={args.blocks} dim={args.dim} tokens/micro={args.tokens} "
           f"steps={args.steps} (median), gloo, 1 thread per rank")
-    header = (f"{'schedule':10} {'step s':>8} {'vs 1f1b':>8} {'cpu/wall':>8} {'idle meas':>10} {'formula':>8} "
-              f"{'sim':>6}   chunk ms: F / B / B_in / W / F&B")
+    header = (f"{'schedule':10} {'step s':>8} {'(min-max)':>13} {'vs 1f1b':>8} {'(min-max)':>13} {'cpu/wall':>8} "
+              f"{'idle meas':>10} {'formula':>8} {'sim':>6}   chunk ms: F / B / B_in / W / F&B")
     print(header)
     base = None
+    summary = {}
     for name in cfg["schedules"]:
         walls = [per_rank[0][name][i]["wall"] for i in range(args.steps)]
+        base_walls = [per_rank[0]["1f1b"][i]["wall"] for i in range(args.steps)] if "1f1b" in cfg["schedules"] else None
         median_i = sorted(range(args.steps), key=lambda i: walls[i])[args.steps // 2]
         timeline = _spans_to_timeline([per_rank[r][name][median_i]["spans"] for r in range(args.pp)],
                                       list(range(args.pp)))
@@ -177,15 +183,24 @@ def main() -> None:
         sim = simulate(sched, times)
         step = statistics.median(walls)
         base = step if name == "1f1b" else base
-        ratio = f"{step / base:8.3f}" if base else f"{'-':>8}"
+        ratios = [w / b for w, b in zip(walls, base_walls)] if base_walls else []
+        ratio = f"{statistics.median(ratios):8.3f}" if ratios else f"{'-':>8}"
+        spread = f"({min(ratios):.3f}-{max(ratios):.3f})" if ratios else "-"
         ms = " / ".join("-" if v != v else f"{1e3 * v:.1f}" for v in (m["F"], m["B"], m["B_in"], m["W"], m["FB"]))
         share = per_rank[0][name][median_i]["cpu_share"]
-        print(f"{name:10} {step:8.3f} {ratio} {share:8.2f} {m['fraction']:10.1%} {formula / (formula + busy):8.1%} "
-              f"{sim.bubble_fraction:6.1%}   {ms}")
+        print(f"{name:10} {step:8.3f} {f'({min(walls):.3f}-{max(walls):.3f})':>13} {ratio} {spread:>13} {share:8.2f} "
+              f"{m['fraction']:10.1%} {formula / (formula + busy):8.1%} {sim.bubble_fraction:6.1%}   {ms}")
+        summary[name] = {"step_s": step, "step_min_max": [min(walls), max(walls)],
+                         "paired_ratio_median": statistics.median(ratios) if ratios else None,
+                         "paired_ratio_min_max": [min(ratios), max(ratios)] if ratios else None,
+                         "idle_measured": m["fraction"], "idle_formula": formula / (formula + busy),
+                         "idle_sim": sim.bubble_fraction, "cpu_share": share}
         if args.png_dir:
             out = plot_timeline(timeline, Path(args.png_dir) / f"measured-{name}-pp{args.pp}-m{args.micro}.png",
                                 f"measured {name} pp={args.pp} micro={args.micro} (gloo, CPU)")
             print(f"{'':10} timeline: {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "schedules": summary}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -159,3 +159,41 @@ def stuck_rank_worker(rank: int, world: int, store: str, out_dir: str, timeout_s
         outcome = f"{type(e).__name__}: {e}"
     elapsed = time.perf_counter() - start
     (Path(out_dir) / f"rank{rank}.txt").write_text(f"{elapsed:.3f}\n{outcome}")
+
+
+class _Crash(nn.Module):
+    """A stage whose second forward raises (a bug or an OOM on that rank, mid-schedule)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("injected failure in the stage forward")
+        return self.inner(h)
+
+
+def crash_rank_worker(rank: int, world: int, store: str, out_dir: str, schedule: str, timeout_s: float) -> None:
+    """The last rank raises in its second forward and its process exits; the others must fail, not hang."""
+    from frugalm.parallel.pipeline import run_pipeline_step
+    from frugalm.parallel.schedules import build_schedule
+
+    _init(rank, world, store, timeout_s=timeout_s, device=torch.device("cpu"))
+    sched = build_schedule(schedule, world, 2 * world)
+    stages = {s: build_stage(s, sched.num_stages) for s in sched.stages_on(rank)}
+    if rank == world - 1:
+        stages = {s: _Crash(m) for s, m in stages.items()}
+    ids, labels = make_batch(4 * world)
+    start = time.perf_counter()
+    try:
+        run_pipeline_step(sched, stages, ids, labels, criterion, hidden_shape=(2, SEQ, DIM),
+                          hidden_dtype=torch.float32, device="cpu", timeout_s=timeout_s)
+        outcome = "finished"
+    except Exception as e:  # the error under test
+        outcome = f"{type(e).__name__}: {e}"
+        if rank == world - 1:
+            (Path(out_dir) / f"rank{rank}.txt").write_text(f"{time.perf_counter() - start:.3f}\n{outcome}")
+            raise  # the process dies with its error, as under torchrun
+    (Path(out_dir) / f"rank{rank}.txt").write_text(f"{time.perf_counter() - start:.3f}\n{outcome}")

@@ -99,3 +99,17 @@ def test_stuck_rank_ends_with_error_not_hang(tmp_path: Path) -> None:
     # the stalled rank, once awake, finds its peer gone and fails too instead of hanging
     _, outcome1 = (tmp_path / "rank1.txt").read_text().split("\n", 1)
     assert outcome1.startswith("PipelineError"), outcome1
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
+def test_crashed_rank_ends_its_peer_with_error_not_hang(schedule: str, tmp_path: Path) -> None:
+    """A rank raising mid-schedule (its process exits) ends the peer blocked in a P2P receive at once,
+    well before the (deliberately long) timeout: gloo reports the closed connection."""
+    timeout_s = 30.0
+    codes = _launch(workers.crash_rank_worker, 2, (schedule, timeout_s), tmp_path, join_s=60)
+    elapsed, outcome = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert outcome.startswith("PipelineError"), outcome
+    assert "pipeline rank 0" in outcome, outcome
+    assert float(elapsed) < 10.0, f"rank 0 needed {elapsed}s to notice"
+    assert "injected failure" in (tmp_path / "rank1.txt").read_text()
+    assert codes[1] != 0, codes

@@ -326,12 +326,14 @@ def sync_gradients(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------- grad norm
 @torch.no_grad()
-def grad_norm(model: nn.Module, mesh: ParallelMesh) -> torch.Tensor:
+def grad_norm(model: nn.Module, mesh: ParallelMesh,
+              pp_copies: Optional[dict[nn.Parameter, int]] = None) -> torch.Tensor:
     """Global L2 norm of the (reduced) gradients of the whole model, identical on every rank.
 
     Each rank adds its local squared norms divided by how many ranks of the stage hold the same values
     (dp*ep for replicated tensors, dp for EP expert shards, 1 for FSDP shards), the sum goes over
-    ``dp_ep``, then over ``pp`` (stages hold different layers).
+    ``dp_ep``, then over ``pp`` (stages hold different layers; ``pp_copies[p]``: on how many pipeline
+    ranks ``p``'s gradient sits, e.g. DualPipe's two copies of a stage or a shared embedding).
     """
     from torch.distributed.tensor import DTensor
 
@@ -345,6 +347,8 @@ def grad_norm(model: nn.Module, mesh: ParallelMesh) -> torch.Tensor:
             local, copies = g.to_local(), 1
         else:
             local, copies = g, (mesh.dp if p in experts else mesh.dp * mesh.ep)
+        if pp_copies is not None:
+            copies *= pp_copies.get(p, 1)
         total += local.detach().float().pow(2).sum().to(total.device) / copies
     for axis in ("dp_ep", "pp"):
         if mesh.group(axis) is not None:
@@ -353,7 +357,8 @@ def grad_norm(model: nn.Module, mesh: ParallelMesh) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: ParallelMesh) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: ParallelMesh,
+                    pp_copies: Optional[dict[nn.Parameter, int]] = None) -> torch.Tensor:
     """Scale all gradients so the global norm is at most ``max_norm`` (0: only measure); returns the norm.
 
     The same rule as `frugalm.train.optim.clip_gradients_`, with the norm taken over the whole
@@ -361,7 +366,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: ParallelMesh) -> to
     """
     from torch.distributed.tensor import DTensor
 
-    norm = grad_norm(model, mesh)
+    norm = grad_norm(model, mesh, pp_copies)
     if max_norm > 0 and math.isfinite(norm.item()):
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in model.parameters():

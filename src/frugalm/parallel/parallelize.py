@@ -6,8 +6,9 @@ the whole stage (averaged over ``dp_ep``). The model's class, parameter names an
 the trainer, FP8 (`apply_fp8`, before or after) and checkpoint code keep working; only expert tensors
 have local shapes, and `frugalm.parallel.checkpoint` gathers them back.
 
-Pipeline parallelism (``pp > 1``) splits the model into stages first (`frugalm.parallel.pipeline`);
-`parallelize` is then applied to each stage module, with the same mesh.
+Pipeline parallelism (``pp > 1``): `parallelize` is applied to the whole model on every rank, then
+`frugalm.parallel.pipeline_model.split_model` cuts it into stages that share its modules; the trainer
+turns the DDP hooks off and reduces gradients over dp x ep once per step, after the pipeline.
 """
 
 from __future__ import annotations

@@ -120,6 +120,7 @@ class PipelineRunner:
         self.hidden_dtype = hidden_dtype
         self.device = torch.device(device)
         self.timeout = timedelta(seconds=timeout_s)
+        self._loss_scale = 1.0
         self._bounded_wait = backend_for(self.device) != "nccl"  # NCCL: the group's watchdog enforces it
 
     def _global(self, pp_rank: int) -> int:
@@ -186,7 +187,7 @@ class PipelineRunner:
                 raise PipelineError(f"pipeline rank {self.rank} computes the loss but got no labels")
             loss = criterion(y, labels[c.micro])
             st.losses.append(loss.detach())
-            st.outputs[key] = loss / M
+            st.outputs[key] = loss * (self._loss_scale / M)
             return
         if y.shape != self.hidden_shape or y.dtype != self.hidden_dtype:
             raise PipelineError(
@@ -238,16 +239,19 @@ class PipelineRunner:
         *,
         batch_dim: int = 0,
         trace: list[Span] | None = None,
+        loss_scale: float = 1.0,
     ) -> torch.Tensor:
         """One forward+backward of the whole batch; returns the mean micro-batch loss on every rank.
 
-        Gradients are *added* to ``.grad`` (zero them before the step as usual). ``inputs`` is needed
-        only on ranks running stage 0 and ``labels`` only on ranks running the last stage; other ranks
-        may pass None. If ``trace`` is given, one `Span` per compute slot is appended (times in seconds
-        of ``time.perf_counter``, comparable across processes of one machine).
+        Gradients are *added* to ``.grad`` (zero them before the step as usual); they are those of
+        ``loss_scale`` times the mean loss (``1/grad_accum`` when several steps make one update).
+        ``inputs`` is needed only on ranks running stage 0 and ``labels`` only on ranks running the
+        last stage; other ranks may pass None. If ``trace`` is given, one `Span` per compute slot is
+        appended (times in seconds of ``time.perf_counter``, comparable across processes of one machine).
         """
         sched = self.schedule
         M = sched.num_micro
+        self._loss_scale = float(loss_scale)
         in_micro = self._split(inputs, "inputs", sched.input_ranks(), batch_dim)
         label_micro = self._split(labels, "labels", sched.loss_ranks(), batch_dim)
         mirrored = [s for s in sorted(self.stages) if len(sched.holders(s)) > 1]
@@ -359,6 +363,7 @@ def run_pipeline_step(
     timeout_s: float = 300.0,
     batch_dim: int = 0,
     trace: list[Span] | None = None,
+    loss_scale: float = 1.0,
 ) -> torch.Tensor:
     """Run one pipelined forward+backward on this rank; returns the mean loss (same on every rank).
 
@@ -367,4 +372,4 @@ def run_pipeline_step(
     """
     runner = PipelineRunner(schedule, stages, hidden_shape=hidden_shape, hidden_dtype=hidden_dtype,
                             device=device, group=group, timeout_s=timeout_s)
-    return runner.step(inputs, labels, criterion, batch_dim=batch_dim, trace=trace)
+    return runner.step(inputs, labels, criterion, batch_dim=batch_dim, trace=trace, loss_scale=loss_scale)

@@ -1,5 +1,5 @@
 """`TrainConfig` (the `[train]` section) and `RunConfig`, the whole run: `[model]` `[data]` `[train]` `[fp8]`
-`[parallel]`.
+`[parallel]` `[pipeline]`.
 
 A run is fully described by one TOML file plus `--set section.key=value` overrides; the resolved
 result is written to ``OUT/config.toml`` so any run can be reproduced from its folder alone. The
@@ -22,9 +22,10 @@ from frugalm.data.config import DataConfig
 from frugalm.fp8.config import FP8Config
 from frugalm.model.config import ModelConfig
 from frugalm.parallel.config import ParallelConfig
+from frugalm.parallel.pipeline import PipelineConfig
 
 DEFAULT_CONFIG = "tiny"
-SECTIONS = ("model", "data", "train", "fp8", "parallel")
+SECTIONS = ("model", "data", "train", "fp8", "parallel", "pipeline")
 
 
 @dataclass
@@ -133,6 +134,9 @@ class RunConfig:
     fp8: FP8Config = field(default_factory=FP8Config)
     # Data/expert-parallel layout under torchrun (ignored by a single process with dp = ep = 1).
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Pipeline schedule and micro-batches per step when parallel.pp > 1 (each train.batch_size batch
+    # is cut into pipeline.micro_batches pipeline micro-batches).
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_position_embeddings:
@@ -197,6 +201,7 @@ def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
         train=from_dict(TrainConfig, raw.get("train", {}), "train"),
         fp8=from_dict(FP8Config, raw.get("fp8", {}), "fp8"),
         parallel=from_dict(ParallelConfig, raw.get("parallel", {}), "parallel"),
+        pipeline=from_dict(PipelineConfig, raw.get("pipeline", {}), "pipeline"),
     )
 
 

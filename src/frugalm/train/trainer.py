@@ -220,10 +220,11 @@ class Trainer:
         # Under torchrun (or a [parallel] layout asking for more than one rank): join the process group.
         # A plain single process keeps mesh = None and the exact single-process path below.
         self.mesh = None
-        if cfg.parallel.pp > 1:
-            raise ConfigError("[parallel] pp > 1: pipeline parallelism is not wired into the trainer yet "
-                              "(frugalm.parallel.pipeline exists but `frugalm train` supports dp and ep only)")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel.dp > 1 or cfg.parallel.ep > 1:
+        self.pipe = None  # the pipeline part of the run when parallel.pp > 1 (`_setup_pipeline`)
+        if cfg.parallel.pp > 1 and cfg.parallel.dp_mode == "fsdp":
+            raise ConfigError("[parallel] pp > 1 supports dp_mode = 'ddp' only (FSDP-sharded stages are not wired)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel.dp > 1 or cfg.parallel.ep > 1 \
+                or cfg.parallel.pp > 1:
             from frugalm.parallel.mesh import init_distributed
 
             self.mesh = init_distributed(cfg.parallel, resolve_device(tc.device))
@@ -273,11 +274,16 @@ class Trainer:
         self.model.train()
         self.moe = moe_modules(self.model)
         self.loads = ExpertLoadTracker(self.moe)
+        named_params = list(self.model.named_parameters())
+        if self.mesh is not None and self.mesh.pp > 1:
+            self._setup_pipeline()
+            held = self.pipe.replicas.held_names()
+            named_params = [(n, p) for n, p in named_params if n in held]  # only this rank's stages
         self.optimizer = AdamW(
-            self.model.named_parameters(), lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
+            named_params, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
             weight_decay=tc.weight_decay, bf16_moments=tc.bf16_moments,
         )
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = [p for _, p in named_params if p.requires_grad]
         if tc.compile:
             self._compile_blocks()
 
@@ -302,7 +308,8 @@ class Trainer:
     # ------------------------------------------------------------------ hooks
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        # under pp, rank (the data shard) is 0 on every pipeline stage: only the first stage's writes
+        return self.rank == 0 and (self.mesh is None or self.mesh.pp_rank == 0)
 
     def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Sum per-expert counts over data-parallel ranks (identity on one process; under a mesh the step's
@@ -368,6 +375,42 @@ class Trainer:
             if not isinstance(block.mlp, MoE):
                 block.mlp.compile()
 
+    def _setup_pipeline(self) -> None:
+        """Split the model into `[pipeline]` stages over the mesh's ``pp`` axis (see `frugalm.parallel.pipeline_model`)."""
+        from frugalm.parallel.data_parallel import set_gradient_sync
+        from frugalm.parallel.pipeline import PipelineRunner
+        from frugalm.parallel.pipeline_model import PipelineReplicas, split_model
+        from frugalm.parallel.schedules import ScheduleError
+
+        tc, pc, mesh = self.cfg.train, self.cfg.pipeline, self.mesh
+        try:
+            schedule = pc.build(mesh.pp)
+        except ScheduleError as e:
+            raise ConfigError(f"[pipeline] {e}") from None
+        if tc.batch_size % pc.micro_batches:
+            raise ConfigError(f"[pipeline] train.batch_size ({tc.batch_size}) must be a multiple of "
+                              f"pipeline.micro_batches ({pc.micro_batches}): each batch is cut into micro-batches")
+        stages = split_model(self.model, schedule, mtp_weight=tc.mtp_weight, autocast=self.autocast)
+        mine = {s: stages[s] for s in schedule.stages_on(mesh.pp_rank)}
+        embed = self.model.model.embed_tokens.weight
+        runner = PipelineRunner(schedule, mine, hidden_shape=(tc.batch_size // pc.micro_batches, tc.seq_len,
+                                                              self.cfg.model.hidden_size),
+                                hidden_dtype=embed.dtype, device=self.device, group=mesh.group("pp"),
+                                timeout_s=pc.timeout_s)
+        replicas = PipelineReplicas(self.model, stages, schedule, mesh.pp_rank, mesh.group("pp"))
+        # Gradients are reduced over dp x ep once per optimizer step, after the pipeline (DDP hooks off).
+        set_gradient_sync(self.model, False)
+        last = next((m for m in mine.values() if m.last), None)
+        self.pipe = _Pipeline(schedule, stages, mine, runner, replicas, last)
+        self.say(f"pipeline: {schedule.name}, {mesh.pp} ranks, {schedule.num_stages} stages, "
+                 f"{pc.micro_batches} micro-batches; decoder layers per stage "
+                 f"{[len(s.layer_ids) for s in stages]} (+ MTP/head on the last)")
+
+    def _sync_pipeline_weights(self) -> None:
+        """Under pp every rank's full model gets each stage's current weights (before eval/save/export)."""
+        if self.pipe is not None:
+            self.pipe.replicas.sync_weights()
+
     def _resume(self, resume: bool | str | Path) -> None:
         if resume is True:
             if self.mesh is not None and not self.is_main:
@@ -422,12 +465,65 @@ class Trainer:
     def next_batch(self) -> torch.Tensor:
         return next(self.sampler).to(self.device, non_blocking=True)
 
+    def _pipeline_step(self) -> tuple[list[str], torch.Tensor, float, dict[str, torch.Tensor], int]:
+        """Forward+backward of `grad_accum` batches through the pipeline, then the cross-rank reductions.
+
+        Each ``[batch_size, T+1]`` batch is cut into ``pipeline.micro_batches`` micro-batches; the loss
+        is their mean, weighted ``1/grad_accum``, which is the single-process step's loss exactly.
+        """
+        import torch.distributed as dist
+
+        from frugalm.parallel.data_parallel import clip_grad_norm_, sync_gradients
+        from frugalm.parallel.expert_parallel import all_reduce_counts
+
+        tc, pipe, mesh = self.cfg.train, self.pipe, self.mesh
+        M = pipe.schedule.num_micro
+        for stage in pipe.mine.values():
+            stage.reset()
+            stage.grad_scale = 1.0 / (M * tc.grad_accum)
+        criterion = pipe.last.loss if pipe.last is not None else _no_loss
+        tokens = 0
+        for _ in range(tc.grad_accum):
+            batch = self.next_batch()
+            pipe.runner.step(batch[:, :-1], batch, criterion, loss_scale=1.0 / tc.grad_accum)
+            tokens += batch.shape[0] * (batch.shape[1] - 1)
+        # losses: each (micro-batch, stage) was computed on exactly one rank -> sum over pp, mean over dp x ep
+        keys = ["loss"] + (["mtp_loss"] if len(self.model.mtp) and tc.seq_len > 1 else []) + \
+            (["balance_loss"] if self.cfg.model.aux_loss_alpha > 0 and self.moe else [])
+        zero = torch.zeros((), device=self.device)
+        sums = torch.stack([sum((s.sums.get(k, zero) for s in pipe.mine.values()), zero) for k in keys])
+        sums = sums.float() / (M * tc.grad_accum)
+        for axis in ("pp", "dp_ep"):
+            if self._group(axis) is not None:
+                dist.all_reduce(sums, group=self._group(axis))
+        if self._group("dp_ep") is not None:
+            sums = sums / self.mesh.data_parallel_size
+        parts = dict(zip(keys, sums))
+        total = parts["loss"] + tc.mtp_weight * parts.get("mtp_loss", zero) + parts.get("balance_loss", zero)
+        keys.append("total_loss")
+        stacked = torch.cat([sums, total.reshape(1)])
+        # gradients: shared stage parameters over pp, then the usual average over dp x ep
+        pipe.replicas.reduce_shared_grads()
+        sync_gradients(self.model)
+        grad_norm = clip_grad_norm_(self.model, tc.grad_clip, mesh, pipe.replicas.copies).item()
+        # expert loads of every MoE block: summed over this rank's micro-batches, then over pp and dp x ep
+        local: dict[str, torch.Tensor] = {}
+        for stage in pipe.mine.values():
+            for name, c in stage.counts.items():
+                local[name] = local[name] + c if name in local else c
+        full = {name: local.get(name, torch.zeros(m.cfg.n_routed_experts, dtype=torch.int64, device=self.device))
+                for name, m in self.moe.items()}
+        counts = all_reduce_counts(all_reduce_counts(full, self._group("pp")), self._group("dp_ep"))
+        return keys, stacked, grad_norm, counts, tokens * self.mesh.data_parallel_size
+
     def train_step(self) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches (or a skipped one if anything is non-finite)."""
         tc = self.cfg.train
         lr = lr_at(self.step, tc)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.pipe is not None:
+            return self._finish_step(lr, *self._pipeline_step())
         self.loads.reset()
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
@@ -464,6 +560,12 @@ class Trainer:
         else:
             grad_norm = clip_gradients_(self.params, tc.grad_clip).item()
             counts = dict(self.loads.counts)
+        return self._finish_step(lr, keys, stacked, grad_norm, counts, tokens)
+
+    def _finish_step(self, lr: float, keys: list[str], stacked: torch.Tensor, grad_norm: float,
+                     counts: dict[str, torch.Tensor], tokens: int) -> StepResult:
+        """Skip-or-step, bias update and bookkeeping, once the step's gradients and losses are final."""
+        tc = self.cfg.train
         # One device sync for all the scalars of the step.
         values = dict(zip(keys, stacked.tolist()))
         finite = math.isfinite(values["total_loss"]) and math.isfinite(grad_norm)
@@ -499,6 +601,7 @@ class Trainer:
     def evaluate(self, max_batches: Optional[int] = None) -> float:
         """Mean next-token cross-entropy over the first `eval_batches` validation batches."""
         tc = self.cfg.train
+        self._sync_pipeline_weights()  # under pp every rank evaluates its (now current) full model
         batches = self.data.val_batches(tc.eval_batch_size or tc.batch_size, tc.seq_len,
                                         max_batches=max_batches or tc.eval_batches,
                                         rank=self.rank, world_size=self.world_size)
@@ -542,6 +645,8 @@ class Trainer:
         else:  # collectives: every rank gathers the single-process (full) tensors
             from frugalm.parallel.checkpoint import full_optimizer_state, full_state_dict
 
+            self._sync_pipeline_weights()
+
             # Tied weights by parameter identity (FSDP's DTensors have no storage to compare).
             first: dict[int, str] = {}
             aliases = {}
@@ -553,6 +658,8 @@ class Trainer:
             full = full_state_dict(self.model, self.mesh, to_cpu=True)
             model_sd = {k: v for k, v in full.items() if k not in aliases}
             optimizer_tensors = full_optimizer_state(optimizer_tensors, self.model, self.mesh)
+            if self.pipe is not None:  # each pipeline rank holds its stages' moments
+                optimizer_tensors = self.pipe.replicas.gather_optimizer_state(optimizer_tensors)
         rng_tensors, rng_json = capture_rng_state(self.device)
         state = {
             "step": self.step,
@@ -604,6 +711,10 @@ class Trainer:
                     full[alias] = full[source]
             try:
                 load_full_state_dict(self.model, full, self.mesh)
+                if self.pipe is not None:  # this rank's stages only
+                    held = self.pipe.replicas.held_names()
+                    optimizer_tensors = {k: v for k, v in optimizer_tensors.items()
+                                         if k.rsplit(".", 1)[0] in held}
                 optimizer_tensors = local_optimizer_state(optimizer_tensors, self.model, self.mesh)
             except ValueError as e:
                 raise ckpt.CheckpointError(f"checkpoint {path} does not fit this model: {e}") from None
@@ -655,6 +766,9 @@ class Trainer:
         else:  # every rank gathers the full weights; rank 0 writes the plain model's HF folder
             from frugalm.parallel.checkpoint import export_pretrained
 
+            self._sync_pipeline_weights()
+            if self.mesh.pp_rank != 0:  # after the sync the first stage's ranks hold everything
+                return final
             export_pretrained(self.model, self.mesh, tmp)
             if not self.is_main:
                 return final
@@ -844,6 +958,22 @@ class Trainer:
         if self.is_main and not interrupted:
             (self.out_dir / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
         return summary
+
+
+def _no_loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("this pipeline rank holds no last stage and computes no loss")
+
+
+@dataclass
+class _Pipeline:
+    """The pipeline-parallel pieces of a `Trainer` (parallel.pp > 1)."""
+
+    schedule: Any  # frugalm.parallel.schedules.PipelineSchedule
+    stages: list  # every stage (DecoderStage), sharing this rank's full model
+    mine: dict  # stage index -> DecoderStage run on this rank
+    runner: Any  # frugalm.parallel.pipeline.PipelineRunner
+    replicas: Any  # frugalm.parallel.pipeline_model.PipelineReplicas
+    last: Any  # this rank's copy of the last stage, or None
 
 
 def train(

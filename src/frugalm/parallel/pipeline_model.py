@@ -1,0 +1,281 @@
+"""Cut a plain `DeepSeekV3` into pipeline stages from outside (torchtitan style) and keep the copies in step.
+
+`split_model(model, schedule, ...)` returns one `DecoderStage` per pipeline stage of ``schedule``. The
+stages do not copy weights: each one registers the full model's own submodules it runs, so parameter
+objects (and names in the full model) are shared, the optimizer, checkpoint and HF export keep working
+on ``model``, and a checkpoint written under any pipeline layout is the single-process one.
+
+Layout (DeepSeek-V3 §3.2.1 / the DualPipe spec): stage 0 = embedding + the first decoder layers; the
+last stage = the last decoder layers (possibly none) + final norm + LM head + the MTP modules, which
+also need the token embedding (so ``embed_tokens`` is a parameter of both the first and the last
+stage). Work is balanced by counting each decoder layer and each MTP module as one unit. Under
+DualPipeV stage 0 and stage 2·PP-1 are both on rank 0, so the embedding lives on one rank; under
+DualPipe rank r holds stage r and its mirror; under 1F1B the embedding is on the first and the last
+rank and its gradient is summed between them (`PipelineReplicas.reduce_shared_grads`).
+
+Losses, exactly as `Trainer.compute_loss` computes them per micro-batch: the last stage's `loss` is
+``CE(main) + λ·mean_k CE(MTP depth k) + α·Σ balance(MoE blocks of this stage)``; every other stage
+adds ``α·Σ balance`` of its own MoE blocks through `_AttachLoss` (forward: identity on the hidden
+state; backward: also feeds the scaled balance loss its gradient), so the gradient of every stage is
+that of the whole per-micro-batch loss. Expert token counts of every MoE block are summed per stage
+over the micro-batches, for the global aux-loss-free bias update.
+
+Every rank builds the whole model (same seed, so equal weights) and all stage objects, but computes
+and optimizes only its own stages: memory for weights is not saved, optimizer state and activations
+are. `PipelineReplicas.sync_weights` broadcasts each parameter from the first rank holding it before
+evaluation, checkpoints and export, so the full model every rank holds is then current.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from frugalm.config import ConfigError
+from frugalm.model.moe import MoE
+from frugalm.parallel.mesh import collective_error
+from frugalm.parallel.schedules import PipelineSchedule
+
+
+def _balanced(n: int, parts: int) -> list[int]:
+    """``n`` units in ``parts`` near-equal contiguous parts, the larger ones first."""
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def layer_split(num_layers: int, num_mtp: int, num_stages: int) -> list[list[int]]:
+    """Main decoder layer indices per stage; the last stage also runs the MTP modules (one unit each)."""
+    if num_stages == 1:
+        return [list(range(num_layers))]
+    sizes = _balanced(num_layers + num_mtp, num_stages)
+    last = max(0, min(num_layers, sizes[-1] - num_mtp))
+    front = num_layers - last
+    if front < num_stages - 1 or (last == 0 and num_mtp == 0):
+        raise ConfigError(
+            f"[pipeline] {num_stages} pipeline stages need at least {num_stages - 1 + (0 if num_mtp else 1)} "
+            f"decoder layers (the last stage may hold only the MTP modules); the model has {num_layers}"
+        )
+    out, start = [], 0
+    for size in _balanced(front, num_stages - 1):
+        out.append(list(range(start, start + size)))
+        start += size
+    out.append(list(range(start, num_layers)))
+    return out
+
+
+class _AttachLoss(torch.autograd.Function):
+    """``h`` unchanged; in backward, ``aux`` also receives gradient ``scale`` (its weight in the step's loss)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.aux_meta
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
+class DecoderStage(nn.Module):
+    """One pipeline stage of a `DeepSeekV3`, sharing the model's modules (see the module docstring).
+
+    ``forward(x)``: token ids ``[b, T]`` (first stage) or hidden ``[b, T, d]`` -> hidden ``[b, T, d]``
+    (final-norm output on the last stage). ``loss(h, tokens)`` (last stage): the micro-batch's loss
+    from the final hidden state and its tokens ``[b, T+1]``.
+    """
+
+    def __init__(self, model: nn.Module, index: int, num_stages: int, layers: list[int], *,
+                 mtp_weight: float, autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+        super().__init__()
+        cfg = model.config
+        self.index, self.num_stages = index, num_stages
+        self.first, self.last = index == 0, index == num_stages - 1
+        self.layer_ids = list(layers)
+        self.layers = nn.ModuleList(model.model.layers[i] for i in layers)
+        self.embed_tokens = model.model.embed_tokens if (self.first or (self.last and len(model.mtp))) else None
+        self.norm = model.model.norm if self.last else None
+        self.lm_head = model.lm_head if self.last else None
+        self.mtp = model.mtp if self.last else nn.ModuleList()
+        self.__dict__["_rotary"] = model.rotary  # buffers only; not a part of this stage's state
+        self.__dict__["_autocast"] = autocast
+        self.alpha = cfg.aux_loss_alpha
+        self.mtp_weight = mtp_weight
+        self.layer_moe = {f"model.layers.{i}.mlp": model.model.layers[i].mlp for i in layers
+                          if isinstance(model.model.layers[i].mlp, MoE)}
+        self.mtp_moe = {f"mtp.{k}.block.mlp": m.block.mlp for k, m in enumerate(self.mtp) if isinstance(m.block.mlp, MoE)}
+        self.grad_scale = 1.0  # weight of one micro-batch's loss in the step (set by the trainer)
+        self.reset()
+
+    def reset(self) -> None:
+        """Clear the per-step sums (expert counts and loss parts)."""
+        self.counts: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def _collect(self, modules: dict[str, MoE]) -> Optional[torch.Tensor]:
+        """Sum expert counts; the α-weighted balance loss of ``modules`` (None when off)."""
+        for name, m in modules.items():
+            if m.last_expert_counts is not None:
+                c = m.last_expert_counts.detach().to(torch.int64)
+                self.counts[name] = self.counts[name] + c if name in self.counts else c.clone()
+        if self.alpha <= 0:
+            return None
+        losses = [m.last_balance_loss for m in modules.values() if m.last_balance_loss is not None]
+        return self.alpha * torch.stack(losses).sum() if losses else None
+
+    def _positions(self, T: int, device: torch.device):
+        return self._rotary(torch.arange(T, device=device).unsqueeze(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            h = self.embed_tokens(x) if self.first else x
+            cos, sin = self._positions(h.shape[1], h.device)
+            for layer in self.layers:
+                h = layer(h, cos, sin)
+            if self.last:
+                h = self.norm(h)
+        if self.last:
+            return h  # the balance loss of this stage's layers is added in `loss`, after the MTP blocks
+        balance = self._collect(self.layer_moe)
+        if balance is not None and torch.is_grad_enabled():
+            self._add("balance_loss", balance)
+            h = _AttachLoss.apply(h, balance, self.grad_scale)
+        return h
+
+    def loss(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The micro-batch loss of `Trainer.compute_loss`, from the final hidden state (last stage only)."""
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        with self._autocast():
+            logits = self.lm_head(h)
+            mtp_logits = []
+            T = inputs.shape[1]
+            for k, module in enumerate(self.mtp, start=1):
+                if T - k <= 0:
+                    break
+                cos, sin = self._positions(T - k, h.device)
+                emb = self.embed_tokens(inputs[:, k:])
+                h = module(h[:, :-1], emb, cos, sin)
+                mtp_logits.append(self.lm_head(h))
+        main = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        total = main
+        self._add("loss", main)
+        if mtp_logits:
+            depth = [F.cross_entropy(lg.float().flatten(0, 1), labels[:, k:].flatten())
+                     for k, lg in enumerate(mtp_logits, start=1)]
+            mtp = torch.stack(depth).mean()
+            total = total + self.mtp_weight * mtp
+            self._add("mtp_loss", mtp)
+        balance = self._collect({**self.layer_moe, **self.mtp_moe})
+        if balance is not None:
+            total = total + balance
+            self._add("balance_loss", balance)
+        return total
+
+
+def split_model(model: nn.Module, schedule: PipelineSchedule, *, mtp_weight: float,
+                autocast: Callable[[], contextlib.AbstractContextManager]) -> list[DecoderStage]:
+    """Every stage of ``schedule`` as a `DecoderStage` over ``model`` (a `DeepSeekV3`)."""
+    split = layer_split(model.config.num_hidden_layers, len(model.mtp), schedule.num_stages)
+    return [DecoderStage(model, s, schedule.num_stages, layers, mtp_weight=mtp_weight, autocast=autocast)
+            for s, layers in enumerate(split)]
+
+
+class PipelineReplicas:
+    """Which pipeline ranks hold each parameter, and the cross-stage bookkeeping that follows from it.
+
+    * `reduce_shared_grads`: a parameter used by stages on different ranks that the executor does not
+      already sum (1F1B's embedding on the first and last rank) gets the sum of its gradients.
+    * `copies`: on how many pipeline ranks each held parameter's (equal) gradient sits, for the norm.
+    * `sync_weights`: every rank's full model gets each parameter from the first rank holding it.
+    """
+
+    def __init__(self, model: nn.Module, stages: list[DecoderStage], schedule: PipelineSchedule,
+                 pp_rank: int, group: Optional[dist.ProcessGroup]) -> None:
+        self.group, self.pp_rank = group, pp_rank
+        names = {}
+        for n, p in model.named_parameters():
+            names.setdefault(p, n)
+        holders: dict[nn.Parameter, set[int]] = {}
+        covered: dict[nn.Parameter, bool] = {}
+        stage_params = [set(s.parameters()) for s in stages]
+        for s, params in enumerate(stage_params):
+            ranks = set(schedule.holders(s))
+            for p in params:
+                holders.setdefault(p, set()).update(ranks)
+        for p, ranks in holders.items():
+            # the executor sums the copies of a stage (DualPipe); a stage whose holders include every
+            # holder of p leaves nothing to do
+            covered[p] = any(p in params and set(schedule.holders(s)) >= ranks for s, params in enumerate(stage_params))
+        missing = [n for p, n in names.items() if p not in holders and p.requires_grad]
+        if missing:
+            raise ValueError(f"parameters in no pipeline stage: {missing[:5]}")
+        self.names = names
+        self.holders = {p: tuple(sorted(r)) for p, r in holders.items()}
+        self.held = [p for p in names if pp_rank in self.holders.get(p, ())]
+        self.shared = sorted((p for p, r in self.holders.items() if len(r) > 1 and not covered[p]),
+                             key=lambda p: names[p])
+        self.copies = {p: len(r) for p, r in self.holders.items()}
+
+    def held_names(self) -> set[str]:
+        return {self.names[p] for p in self.held}
+
+    @torch.no_grad()
+    def reduce_shared_grads(self) -> None:
+        if self.group is None or not self.shared:
+            return
+        ref = self.shared[0]
+        flat = torch.cat([(p.grad if (p.grad is not None and self.pp_rank in self.holders[p]) else
+                           torch.zeros_like(p)).reshape(-1).float() for p in self.shared]).to(ref.device)
+        try:
+            dist.all_reduce(flat, group=self.group)
+        except RuntimeError as e:
+            raise collective_error("pipeline shared-parameter gradient all-reduce", self.group, e) from e
+        start = 0
+        for p in self.shared:
+            view = flat[start:start + p.numel()].view_as(p).to(p.dtype)
+            start += p.numel()
+            if self.pp_rank in self.holders[p]:
+                p.grad = view.clone()
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        if self.group is None:
+            return
+        by_owner: dict[tuple[int, torch.dtype], list[nn.Parameter]] = {}
+        for p in sorted(self.holders, key=lambda p: self.names[p]):
+            by_owner.setdefault((self.holders[p][0], p.dtype), []).append(p)
+        for (owner, _), params in sorted(by_owner.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            try:
+                dist.broadcast(flat, group=self.group, group_src=owner)
+            except RuntimeError as e:
+                raise collective_error("pipeline weight broadcast", self.group, e) from e
+            if owner != self.pp_rank:
+                start = 0
+                for p in params:
+                    p.copy_(flat[start:start + p.numel()].view_as(p))
+                    start += p.numel()
+
+    def gather_optimizer_state(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Optimizer tensors of every rank's parameters (already full over dp/ep), merged, on every rank."""
+        if self.group is None:
+            return dict(local)
+        parts: list[Optional[dict]] = [None] * dist.get_world_size(self.group)
+        try:
+            dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()}, group=self.group)
+        except RuntimeError as e:
+            raise collective_error("pipeline optimizer-state gather", self.group, e) from e
+        merged: dict[str, torch.Tensor] = {}
+        for part in parts:
+            for k, v in part.items():
+                merged.setdefault(k, v)
+        return merged
