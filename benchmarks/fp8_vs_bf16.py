@@ -1,23 +1,30 @@
 """FP8 vs BF16 training (DeepSeek-V3 §3.3): the same config, seed and data trained with FP8 GEMMs and with
 plain BF16 autocast; the relative gap of the final validation loss, and both curves in one PNG.
 
-Runs (each with the trainer's Python API, `frugalm.train.train`, into ``OUT/<name>``; curves are read
-back from ``OUT/<name>/metrics.jsonl``):
+Runs (each with the trainer's Python API, `frugalm.train.trainer.Trainer`, into ``OUT/<name>``; curves are
+read back from ``OUT/<name>/metrics.jsonl``):
 
 * ``bf16``: ``train.precision = "bf16"`` (autocast; FP32 master weights and FP32 AdamW moments);
-* ``fp8``: ``[fp8] enabled = true`` with ``train.precision = "fp32"`` (every linear except embedding, head, router and norms
-  runs DeepSeek's block-scaled E4M3 GEMMs; backend ``emulated`` by default on CPU, which computes the same
-  numbers as the K-sliced real FP8 GEMMs, see `frugalm.fp8.backends`); the high-precision modules run in
-  FP32, not BF16, because BF16 autocast around the FP8 expert GEMM currently fails (see VARIANTS);
-* optional ``fp32`` (no autocast) and ``bf16_seed2`` (BF16 with another seed: the seed-noise yardstick the
-  FP8 gap has to be read against).
+* ``fp8``: the same plus ``[fp8] enabled = true``: every linear except embedding, head, router and norms
+  runs DeepSeek's block-scaled E4M3 GEMMs (backend ``emulated`` by default on CPU: the same numbers as the
+  K-sliced real FP8 GEMMs, faster here, see `frugalm.fp8.backends`); the rest runs under BF16 autocast,
+  as in DeepSeek's recipe;
+* ``bf16_seed2``: BF16 with the weights initialised from another seed (``--init-seed-b``) but the same
+  data order (the trainer's seed also drives the sampler, so only ``model.init_weights`` is re-run): the
+  seed-noise yardstick the FP8 gap has to be read against;
+* optional ``fp8_seed2`` (FP8 from the other initial weights: is the FP8 gap the same at another seed?),
+  ``fp32``, ``fp8_fp32`` (FP8 GEMMs, everything else FP32) and ``fp32_seed2``.
 
-It also measures the optimizer's bytes per parameter (FP32 master + FP32 moments vs BF16 moments) after
-one step of each setup, and optionally checks that an FP8 run stopped part-way resumes bit for bit and that
-its ``OUT/final`` export loads with `frugalm.from_pretrained`.
+For each run it reports the final val loss and whether the loss flattened: the least-squares slope of the
+val loss over the last 20% of steps, as the change it implies over that window relative to the final loss.
 
-    python benchmarks/fp8_vs_bf16.py [--config tiny] [--set train.max_steps=60] [--runs fp8,fp32,fp32_seed2]
-        [--out runs/fp8_vs_bf16] [--figure benchmarks/figures/fp8_vs_bf16.png] [--check-resume]
+``--activation-memory`` measures the bytes of tensors saved for backward in one forward of the model
+(autograd saved-tensor hooks, unique storages, parameters themselves not counted) with FP8 vs BF16;
+``--memory`` the optimizer's bytes per parameter (FP32 master + FP32 vs BF16 moments).
+
+    python benchmarks/fp8_vs_bf16.py [--config tiny] [--set train.max_steps=400] [--runs fp8,bf16,bf16_seed2]
+        [--out runs/fp8_vs_bf16] [--figure benchmarks/figures/fp8_vs_bf16.png] [--memory]
+        [--activation-memory] [--check-resume STEPS]
 """
 
 from __future__ import annotations
@@ -26,22 +33,30 @@ import argparse
 import json
 from pathlib import Path
 
-# Shrunk from the embedded tiny run so that the FP8 + BF16 pair fits in ~15 minutes on a shared 2-core CPU;
-# any of these can be overridden with --set.
+# The embedded tiny config shrunk so that each BF16 run flattens in ~15-20 minutes on one shared CPU thread
+# (BF16 GEMMs on an AVX2-only CPU run ~50-100x slower than FP32 ones, so the lm_head/vocab is cut to 512):
+# d=64, 3 layers (1 dense + 2 MoE with 8 routed experts, top-2, 1 shared), no MTP, 400 steps x 8 x 128
+# tokens (~0.41M, ~0.4 epoch of the 1.06M-token python-docs train split), cosine to 0.1x. Any of these can
+# be overridden with --set.
 DEFAULT_OVERRIDES = [
-    "train.max_steps=60", "train.batch_size=4", "train.seq_len=64", "train.warmup_steps=6",
-    "train.eval_every=10", "train.eval_batches=4", "train.log_every=2", "train.checkpoint_every=0",
-    "train.sample_tokens=0", "train.num_threads=2",
+    "data.vocab_size=512", "model.vocab_size=512", "model.hidden_size=64", "model.num_hidden_layers=3",
+    "model.intermediate_size=192", "model.moe_intermediate_size=32", "model.n_routed_experts=8",
+    "model.q_lora_rank=32", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
+    "model.v_head_dim=16", "model.num_nextn_predict_layers=0",
+    "train.max_steps=400", "train.batch_size=8", "train.seq_len=128", "train.warmup_steps=20",
+    "train.eval_every=20", "train.eval_batches=8", "train.log_every=10", "train.checkpoint_every=0",
+    "train.sample_tokens=0", "train.num_threads=1",
 ]
 
+# name -> (overrides, re-initialise weights with --init-seed-b)
 VARIANTS = {
-    "bf16": ["train.precision=bf16"],
-    # FP8 GEMMs with everything else in FP32: under BF16 autocast the FP8 grouped expert GEMM fails in torch
-    # 2.13 (torch.cat of float8 tensors -> "Unexpected floating ScalarType in at::autocast::prioritize").
-    "fp8": ["train.precision=fp32", "fp8.enabled=true"],
-    "fp32": ["train.precision=fp32"],
-    "bf16_seed2": ["train.precision=bf16", "train.seed=4321"],
-    "fp32_seed2": ["train.precision=fp32", "train.seed=4321"],
+    "bf16": (["train.precision=bf16"], False),
+    "fp8": (["train.precision=bf16", "fp8.enabled=true"], False),
+    "bf16_seed2": (["train.precision=bf16"], True),
+    "fp8_seed2": (["train.precision=bf16", "fp8.enabled=true"], True),
+    "fp32": (["train.precision=fp32"], False),
+    "fp8_fp32": (["train.precision=fp32", "fp8.enabled=true"], False),
+    "fp32_seed2": (["train.precision=fp32"], True),
 }
 
 
@@ -68,6 +83,7 @@ def optimizer_bytes_per_param(cfg) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, tmp, progress=False, log_fn=lambda m: None)
+        _seed_peak_flops(tr)
         tr.train_step()
         n = sum(p.numel() for p in tr.params)
         weights = sum(p.numel() * p.element_size() for p in tr.params)
@@ -87,13 +103,19 @@ def check_resume(cfg, out: Path, steps: int) -> dict:
     """An FP8 run stopped at steps//2 and resumed must match the uninterrupted run bit for bit."""
     import dataclasses
 
-    from frugalm.train.trainer import Trainer, train
+    from frugalm.train.trainer import Trainer
 
     tc = dataclasses.replace(cfg.train, max_steps=steps, eval_every=steps, log_every=1)
     cfg = dataclasses.replace(cfg, train=tc)
-    a = train(cfg, out / "resume_ref", overwrite=True, progress=False)
-    Trainer(cfg, out / "resume_cut", overwrite=True, progress=False).fit(stop_after=steps // 2)
-    b = train(cfg, out / "resume_cut", resume=True, progress=False)
+
+    def trainer(name: str, **kw):
+        tr = Trainer(cfg, out / name, progress=False, **kw)
+        _seed_peak_flops(tr)
+        return tr
+
+    a = trainer("resume_ref", overwrite=True).fit()
+    trainer("resume_cut", overwrite=True).fit(stop_after=steps // 2)
+    b = trainer("resume_cut", resume=True).fit()
     la, _ = read_metrics(out / "resume_ref")
     lb, _ = read_metrics(out / "resume_cut")
     same = [s for s in la if s > steps // 2 and s in lb]
@@ -126,6 +148,76 @@ def check_from_pretrained(run_dir: Path, cfg) -> dict:
     return {"params": sum(p.numel() for p in model.parameters()), "val_loss_fp32_reload": tot / n}
 
 
+def tail_slope(points: dict[int, float], max_steps: int, fraction: float = 0.2) -> dict:
+    """Least-squares slope of ``points`` (step -> loss) over the last ``fraction`` of ``max_steps``.
+
+    ``window_change`` is the slope times the window length (what the fit says the loss moved over it) and
+    ``rel_window_change`` that relative to the last value: ~0 means flattened.
+    """
+    start = max_steps * (1 - fraction)
+    xs = sorted(st for st in points if st >= start)
+    if len(xs) < 3:
+        return {"points": len(xs)}
+    ys = [points[x] for x in xs]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    window = max_steps - start
+    return {"points": len(xs), "from_step": xs[0], "slope_per_100_steps": 100 * slope,
+            "window_change": slope * window, "rel_window_change": slope * window / ys[-1]}
+
+
+def saved_activation_bytes(cfg, *, fp8: bool, batch_size: int = 8, seq_len: int = 128, seed: int = 0) -> dict:
+    """Bytes of the tensors autograd saves for backward in one forward of ``cfg.model`` under its precision.
+
+    Every tensor packed by ``torch.autograd.graph.saved_tensors_hooks`` during the model's forward (the loss
+    is not included) is attributed to its storage; each storage is counted once, and storages of the
+    parameters themselves are left out (they exist whether or not anything is saved). ``in_fp8_modules`` is
+    the part packed inside the modules `apply_fp8` converts (the projections and the expert blocks, the
+    latter including their SwiGLU), measured the same way with and without FP8. Returns totals, bytes per
+    token and a per-dtype breakdown.
+    """
+    import dataclasses
+
+    import torch
+
+    from frugalm.fp8 import apply_fp8, plan_fp8
+    from frugalm.model.transformer import DeepSeekV3
+
+    model = DeepSeekV3(cfg.model).init_weights(seed)
+    fp8_cfg = dataclasses.replace(cfg.fp8, enabled=True)
+    plan = plan_fp8(model, fp8_cfg)
+    if fp8:
+        apply_fp8(model, fp8_cfg)
+    model.train()
+    depth = [0]
+    for name in [*plan.linears, *plan.experts]:
+        mod = model.get_submodule(name)
+        mod.register_forward_pre_hook(lambda *a: depth.__setitem__(0, depth[0] + 1))
+        mod.register_forward_hook(lambda *a: depth.__setitem__(0, depth[0] - 1))
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, tuple[int, str, bool]] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in param_storages and ptr not in seen:
+            seen[ptr] = (st.nbytes(), str(t.dtype).removeprefix("torch."), depth[0] > 0)
+        return t
+
+    ids = torch.randint(0, cfg.model.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            model(ids)
+    by_dtype: dict[str, int] = {}
+    for nbytes, dtype, _ in seen.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+    total = sum(by_dtype.values())
+    inside = sum(nbytes for nbytes, _, flag in seen.values() if flag)
+    tokens = batch_size * seq_len
+    return {"tokens": tokens, "bytes": total, "bytes_per_token": total / tokens, "in_fp8_modules": inside,
+            "in_fp8_modules_per_token": inside / tokens, "by_dtype": by_dtype}
+
+
 def plot(curves: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -134,11 +226,11 @@ def plot(curves: dict, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"fp8": "tab:red", "bf16": "tab:blue", "fp32": "tab:green", "bf16_seed2": "tab:cyan",
-              "fp32_seed2": "tab:olive"}
+              "fp32_seed2": "tab:olive", "fp8_fp32": "tab:orange", "fp8_seed2": "tab:pink"}
     for name, (tr, va, tps) in curves.items():
         c = colors.get(name)
         s = sorted(tr)
-        ax[0].plot([x * tps for x in s], [tr[x] for x in s], label=name, color=c, lw=1)
+        ax[0].plot([x * tps for x in s], [tr[x] for x in s], label=name, color=c, lw=0.8, alpha=0.8)
         s = sorted(va)
         ax[1].plot([x * tps for x in s], [va[x] for x in s], "o-", label=name, color=c, ms=3)
     for a, t in zip(ax, ("train loss (main CE)", "val loss")):
@@ -158,18 +250,96 @@ def plot(curves: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+_PEAK_CACHE: dict[str, dict] = {}
+
+
+def _seed_peak_flops(trainer) -> None:
+    """Give the run its matmul-peak cache (only used for the MFU column of the logs) up front.
+
+    The trainer measures the peak with 2048^3 matmuls in the autocast dtype; on an AVX2-only CPU a BF16 one
+    takes minutes, per run. Here it is measured once per process with 512^3 matmuls (same formula, smaller
+    size) and written where the trainer looks for it. None of this benchmark's figures depend on it.
+    """
+    import time
+
+    import torch
+
+    from frugalm.train.perf import PEAK_FILE, device_name
+
+    dtype = trainer.autocast_dtype or torch.float32
+    key = f"{device_name(trainer.device)}|{str(dtype).removeprefix('torch.')}"
+    if key not in _PEAK_CACHE:
+        n = 512
+        a = torch.randn(n, n, dtype=dtype, device=trainer.device)
+        a @ a
+        t0 = time.perf_counter()
+        a @ a
+        _PEAK_CACHE[key] = {key: 2 * n ** 3 / (time.perf_counter() - t0)}
+    (trainer.out_dir / PEAK_FILE).write_text(json.dumps(_PEAK_CACHE[key], indent=1) + "\n")
+
+
+def step_speed(configs: dict, steps: int = 3, repeats: int = 3) -> dict[str, float]:
+    """Seconds per `Trainer.train_step` of each config, built side by side in one process and timed in turns
+    (best of ``repeats`` rounds of ``steps`` steps), so the ratios share one machine state."""
+    import tempfile
+    import time
+
+    from frugalm.train.trainer import Trainer
+
+    trainers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cfg in configs.items():
+            tr = trainers[name] = Trainer(cfg, Path(tmp) / name, progress=False, log_fn=lambda m: None)
+            _seed_peak_flops(tr)
+            tr.train_step()  # warm-up
+        best = {name: float("inf") for name in configs}
+        for _ in range(repeats):
+            for name, tr in trainers.items():
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    tr.train_step()
+                best[name] = min(best[name], (time.perf_counter() - t0) / steps)
+    return best
+
+
+def run_one(name: str, cfg, out: Path, init_seed: int | None, reuse: bool) -> dict:
+    """Train one variant (or reuse a finished one); returns its summary dict."""
+    from frugalm.train.trainer import Trainer
+
+    done = out / name / "summary.json"
+    if reuse and done.exists():
+        print(f"   reusing {done}", flush=True)
+        return json.loads(done.read_text())
+    trainer = Trainer(cfg, out / name, overwrite=True, progress=False)
+    _seed_peak_flops(trainer)
+    if init_seed is not None:
+        # Same data order (the sampler was seeded with train.seed), other initial weights: re-initialise in
+        # place, so the optimizer and any FP8 modules keep referring to the same Parameters.
+        import torch
+
+        with torch.no_grad():
+            trainer.model.init_weights(init_seed)
+    s = trainer.fit().to_dict()
+    s["init_seed"] = init_seed if init_seed is not None else cfg.train.seed
+    done.write_text(json.dumps(s, indent=2, default=str) + "\n")
+    return s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
-    # bf16 is the issue's reference; the default compares against FP32 (with a second FP32 seed as the noise
-    # yardstick) because its published figures were taken before the MoE ran under BF16 autocast. Pass
-    # --runs fp8,bf16,bf16_seed2 for the BF16 comparison.
-    ap.add_argument("--runs", default="fp8,fp32,fp32_seed2", help=f"comma list of {list(VARIANTS)}")
-    ap.add_argument("--backend", default="emulated", help="fp8.backend of the fp8 run")
+    ap.add_argument("--runs", default="fp8,bf16,bf16_seed2", help=f"comma list of {list(VARIANTS)}")
+    ap.add_argument("--backend", default="emulated", help="fp8.backend of the fp8 runs")
+    ap.add_argument("--init-seed-b", type=int, default=4321, help="initial-weight seed of the *_seed2 runs")
     ap.add_argument("--out", default="runs/fp8_vs_bf16")
     ap.add_argument("--figure", default="benchmarks/figures/fp8_vs_bf16.png")
     ap.add_argument("--memory", action="store_true", help="measure optimizer bytes/param (BF16 vs FP32 moments)")
+    ap.add_argument("--speed", default="",
+                    help="comma list of variants whose train-step time to measure side by side in this process "
+                         "(fp8 variants with both backends: sliced and emulated)")
+    ap.add_argument("--activation-memory", action="store_true",
+                    help="measure bytes saved for backward in one forward, FP8 vs BF16")
     ap.add_argument("--check-resume", type=int, default=0, metavar="STEPS",
                     help="also check an FP8 run of STEPS steps resumes bit for bit, and that fp8's OUT/final loads")
     ap.add_argument("--reuse", action="store_true",
@@ -178,69 +348,68 @@ def main() -> None:
 
     import torch
 
-    from frugalm.train import load_run_config, train
+    from frugalm.train import load_run_config
 
-    def fp8_config():
-        return cfgs.get("fp8") or load_run_config(args.config, [*DEFAULT_OVERRIDES, *VARIANTS["fp8"], *args.overrides])
+    def config_of(name: str):
+        extra = VARIANTS[name][0] + ([f"fp8.backend={args.backend}"] if name.startswith("fp8") else [])
+        return load_run_config(args.config, [*DEFAULT_OVERRIDES, *extra, *args.overrides])
 
     out = Path(args.out)
     names = [n for n in args.runs.split(",") if n]
     results, curves, cfgs = {}, {}, {}
     for name in names:
-        extra = VARIANTS[name] + ([f"fp8.backend={args.backend}"] if name == "fp8" else [])
-        cfg = load_run_config(args.config, [*DEFAULT_OVERRIDES, *extra, *args.overrides])
-        cfgs[name] = cfg
+        cfg = cfgs[name] = config_of(name)
+        init_seed = args.init_seed_b if VARIANTS[name][1] else None
         print(f"== {name}: precision={cfg.train.precision} fp8={cfg.fp8.enabled} ({cfg.fp8.backend}) "
-              f"seed={cfg.train.seed} steps={cfg.train.max_steps} x {cfg.train.tokens_per_step} tokens", flush=True)
-        done = out / name / "summary.json"
-        if args.reuse and done.exists():
-            s = json.loads(done.read_text())
-            print(f"   reusing {done}", flush=True)
-        else:
-            s = train(cfg, out / name, overwrite=True, progress=False).to_dict()
+              f"seed={cfg.train.seed} init_seed={init_seed or cfg.train.seed} steps={cfg.train.max_steps} x "
+              f"{cfg.train.tokens_per_step} tokens", flush=True)
+        s = run_one(name, cfg, out, init_seed, args.reuse)
         tr, va = read_metrics(out / name)
         curves[name] = (tr, va, cfg.train.tokens_per_step)
+        flat_val = tail_slope(va, cfg.train.max_steps)
+        flat_train = tail_slope(tr, cfg.train.max_steps)
         results[name] = {"final_val_loss": s["final_val_loss"], "final_train_loss": s["final_loss"],
                          "steps": s["steps"], "tokens": s["tokens"], "wall_s": s["wall_s"], "train_s": s["train_s"],
-                         "tokens_per_s": s["tokens_per_s"], "skipped_steps": s["skipped_steps"], "val_losses": va}
+                         "tokens_per_s": s["tokens_per_s"], "skipped_steps": s["skipped_steps"],
+                         "init_seed": s.get("init_seed"), "tail_val": flat_val, "tail_train": flat_train,
+                         "val_losses": va}
         print(f"   final val {s['final_val_loss']:.5f}  train {s['final_loss']:.4f}  {s['steps']} steps  "
               f"{s['tokens']:,} tokens  wall {s['wall_s']:.0f}s ({s['tokens_per_s']:,.0f} tok/s)", flush=True)
+        if "rel_window_change" in flat_val:
+            print(f"   last 20%: val slope {flat_val['slope_per_100_steps']:+.5f}/100 steps, "
+                  f"{100 * flat_val['rel_window_change']:+.3f}% over the window ({flat_val['points']} evals); "
+                  f"train {100 * flat_train['rel_window_change']:+.3f}%", flush=True)
 
     report: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "runs": results}
+
+    def gap(key: str, a: str, b: str, label: str) -> None:
+        if a in results and b in results:
+            fa, fb = results[a]["final_val_loss"], results[b]["final_val_loss"]
+            report[key] = (fa - fb) / fb
+            print(f"{label}: ({a} - {b}) / {b} = {100 * (fa - fb) / fb:+.3f}%  ({fa:.5f} vs {fb:.5f})")
+
+    print()
+    gap("rel_gap_fp8_vs_bf16", "fp8", "bf16", "FP8 vs BF16 final val loss")
+    gap("rel_gap_bf16_seed_noise", "bf16_seed2", "bf16", "BF16 init-seed noise")
+    gap("rel_gap_fp8_vs_bf16_seed2", "fp8_seed2", "bf16_seed2", "FP8 vs BF16 final val loss, init seed B")
+    gap("rel_gap_fp8_fp32_vs_fp32", "fp8_fp32", "fp32", "FP8 (FP32 elsewhere) vs FP32")
+    gap("rel_gap_fp32_seed_noise", "fp32_seed2", "fp32", "FP32 init-seed noise")
+    gap("rel_gap_bf16_vs_fp32", "bf16", "fp32", "BF16 vs FP32")
     if "fp8" in results and "bf16" in results:
-        f, b = results["fp8"]["final_val_loss"], results["bf16"]["final_val_loss"]
-        report["rel_gap_fp8_vs_bf16"] = (f - b) / b
-        print(f"\nrelative gap of final val loss, (FP8 - BF16) / BF16: {100 * (f - b) / b:+.3f}%  "
-              f"(FP8 {f:.5f}, BF16 {b:.5f})")
         common = sorted(set(results["fp8"]["val_losses"]) & set(results["bf16"]["val_losses"]))
-        print(f"{'step':>6s} {'fp8':>9s} {'bf16':>9s} {'rel gap':>9s}")
+        others = [n for n in ("bf16_seed2", "fp8_seed2") if n in results]
+        print(f"{'step':>6s} {'fp8':>9s} {'bf16':>9s} {'rel gap':>9s}" + "".join(f" {n:>11s}" for n in others))
         for st in common:
             fv, bv = results["fp8"]["val_losses"][st], results["bf16"]["val_losses"][st]
-            print(f"{st:6d} {fv:9.5f} {bv:9.5f} {100 * (fv - bv) / bv:+8.3f}%")
-    if "fp8" in results and "fp32" in results:
-        f, b = results["fp8"]["final_val_loss"], results["fp32"]["final_val_loss"]
-        report["rel_gap_fp8_vs_fp32"] = (f - b) / b
-        print(f"relative gap of final val loss, (FP8 - FP32) / FP32: {100 * (f - b) / b:+.3f}%  "
-              f"(FP8 {f:.5f}, FP32 {b:.5f})")
-    if "fp32_seed2" in results and "fp32" in results:
-        b2, b = results["fp32_seed2"]["final_val_loss"], results["fp32"]["final_val_loss"]
-        report["rel_gap_fp32_seed_noise"] = (b2 - b) / b
-        print(f"seed noise, FP32 seed {cfgs['fp32_seed2'].train.seed} vs {cfgs['fp32'].train.seed}: "
-              f"{100 * (b2 - b) / b:+.3f}%")
-    if "bf16_seed2" in results and "bf16" in results:
-        b2, b = results["bf16_seed2"]["final_val_loss"], results["bf16"]["final_val_loss"]
-        report["rel_gap_bf16_seed_noise"] = (b2 - b) / b
-        print(f"seed noise, BF16 seed {cfgs['bf16_seed2'].train.seed} vs {cfgs['bf16'].train.seed}: "
-              f"{100 * (b2 - b) / b:+.3f}%")
-    if "fp32" in results and "bf16" in results:
-        f32, b = results["fp32"]["final_val_loss"], results["bf16"]["final_val_loss"]
-        report["rel_gap_bf16_vs_fp32"] = (b - f32) / f32
-        print(f"BF16 vs FP32: {100 * (b - f32) / f32:+.3f}% (FP32 {f32:.5f})")
+            row = f"{st:6d} {fv:9.5f} {bv:9.5f} {100 * (fv - bv) / bv:+8.3f}%"
+            for n in others:
+                row += f" {results[n]['val_losses'].get(st, float('nan')):11.5f}"
+            print(row)
 
     if args.memory:
         import dataclasses
 
-        base = fp8_config()
+        base = cfgs.get("fp8") or config_of("fp8")
         mem = {}
         for label, bf16m in (("fp32_master+fp32_moments", False), ("fp32_master+bf16_moments", True)):
             c = dataclasses.replace(base, train=dataclasses.replace(base.train, bf16_moments=bf16m))
@@ -251,8 +420,48 @@ def main() -> None:
                   f"({m['params']:,} params)")
         report["bytes_per_param"] = mem
 
+    if args.speed:
+        import dataclasses
+
+        speed_cfgs = {}
+        for name in args.speed.split(","):
+            cfg = config_of(name)
+            if cfg.fp8.enabled:
+                for backend in ("emulated", "sliced"):
+                    speed_cfgs[f"{name}[{backend}]"] = dataclasses.replace(
+                        cfg, fp8=dataclasses.replace(cfg.fp8, backend=backend))
+            else:
+                speed_cfgs[name] = cfg
+        sec = step_speed(speed_cfgs)
+        tokens = next(iter(speed_cfgs.values())).train.tokens_per_step
+        ref = sec.get("fp32") or sec.get("bf16")
+        for name, t in sec.items():
+            print(f"train step {name:20s} {1000 * t:8.1f} ms  {tokens / t:8,.0f} tok/s"
+                  + (f"  {t / ref:5.2f}x {'fp32' if 'fp32' in sec else 'bf16'}" if ref else ""))
+        report["step_seconds"] = sec
+
+    if args.activation_memory:
+        act = {}
+        for label, name, fp8 in (("bf16", "bf16", False), ("fp8+bf16", "fp8", True),
+                                 ("fp32", "fp32", False), ("fp8+fp32", "fp8_fp32", True)):
+            c = cfgs.get(name) or config_of(name)
+            act[label] = saved_activation_bytes(c, fp8=fp8, batch_size=c.train.batch_size, seq_len=c.train.seq_len)
+            a = act[label]
+            parts = ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in sorted(a["by_dtype"].items()))
+            print(f"saved for backward, {label}: {a['bytes'] / 2**20:.2f} MiB for {a['tokens']} tokens "
+                  f"({a['bytes_per_token']:,.0f} B/token; {parts}); inside the FP8-convertible modules "
+                  f"{a['in_fp8_modules'] / 2**20:.2f} MiB ({a['in_fp8_modules_per_token']:,.0f} B/token)")
+        for hi, lo in (("bf16", "fp8+bf16"), ("fp32", "fp8+fp32")):
+            saved = 1 - act[lo]["bytes"] / act[hi]["bytes"]
+            saved_in = 1 - act[lo]["in_fp8_modules"] / act[hi]["in_fp8_modules"]
+            print(f"activation memory saved, {lo} vs {hi}: {100 * saved:.1f}% of the model's, "
+                  f"{100 * saved_in:.1f}% inside the converted modules")
+            act[f"saved_{lo}_vs_{hi}"] = saved
+            act[f"saved_in_fp8_modules_{lo}_vs_{hi}"] = saved_in
+        report["activation_memory"] = act
+
     if args.check_resume:
-        base = fp8_config()
+        base = cfgs.get("fp8") or config_of("fp8")
         r = check_resume(base, out, args.check_resume)
         report["resume"] = r
         print(f"FP8 resume: stopped at {r['stop_at']}/{r['steps']}, bit-exact={r['bit_exact']} "
@@ -264,9 +473,13 @@ def main() -> None:
 
     if curves:
         first = next(iter(cfgs.values()))
-        title = (f"{args.config} shrunk: {first.train.max_steps} steps x {first.train.tokens_per_step} tokens, "
+        m = first.model
+        title = (f"{args.config} shrunk (d={m.hidden_size}, {m.num_hidden_layers} layers, "
+                 f"{m.n_routed_experts} experts, vocab {m.vocab_size}): "
+                 f"{first.train.max_steps} steps x {first.train.tokens_per_step} tokens, "
                  f"seed {first.train.seed}; FP8 backend {args.backend}; torch {torch.__version__}")
-        for key, label in (("rel_gap_fp8_vs_bf16", "FP8 vs BF16"), ("rel_gap_fp8_vs_fp32", "FP8 vs FP32")):
+        for key, label in (("rel_gap_fp8_vs_bf16", "FP8 vs BF16"), ("rel_gap_fp8_vs_bf16_seed2", "FP8 vs BF16 (seed B)"),
+                           ("rel_gap_bf16_seed_noise", "BF16 seed B vs A"), ("rel_gap_fp8_fp32_vs_fp32", "FP8 vs FP32")):
             if key in report:
                 title += f"\nfinal val gap {label} {100 * report[key]:+.3f}%"
         plot(curves, Path(args.figure), title)

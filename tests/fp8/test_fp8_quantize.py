@@ -175,3 +175,25 @@ def test_generic_tiles_round_trip_within_bound_for_odd_tiles():
     q = quantize_tiles(x, (16, 32))
     assert q.scale.shape == (3, 4, 3)
     assert ((q.dequantize().double() - x.double()).abs() <= quantization_error_bound(x, q)).all()
+
+
+def test_table_decode_equals_the_cast_for_every_bit_pattern():
+    from frugalm.fp8.quantize import e4m3_to_float
+
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
+    got, want = e4m3_to_float(codes), codes.float()
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan()) and int(want.isnan().sum()) == 2
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    strided = codes.t()  # non-contiguous input
+    assert torch.equal(e4m3_to_float(strided).nan_to_num(), strided.float().nan_to_num())
+
+
+@pytest.mark.parametrize("tile", [(1, 128), (128, 1), (128, 128), (4, 8)])
+@pytest.mark.parametrize("shape", [(256, 384), (200, 300), (3, 64, 96), (5, 7)])
+def test_dequantize_is_elementwise_float_times_tile_scale(tile, shape):
+    """The broadcast (whole tiles) and expanded-scale (edge tiles) paths both compute float(q) * scale, bit for bit."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 5
+    q = quantize_tiles(x, tile)
+    want = q.data.float() * expand_scale(q.scale, tile, *shape[-2:])
+    assert torch.equal(q.dequantize(), want)

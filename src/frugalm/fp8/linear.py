@@ -8,8 +8,12 @@ For ``y = x W^T`` with ``x [M, K]`` (M tokens) and ``W [N, K]``:
 * Wgrad ``dW = dy^T x``: contracts over tokens, so dy and x are quantized in 128x1 tiles (128 tokens,
   one channel) -- the recipe's re-tiling.
 
-Every GEMM accumulates in FP32 (see `frugalm.fp8.backends`); outputs are in the input's dtype and
-weight gradients in the weight's dtype (FP32 master weights give FP32 gradients to accumulate).
+Every GEMM accumulates in FP32 (see `frugalm.fp8.backends`); outputs are in the input's dtype -- or, under
+``torch.autocast``, in the autocast dtype (BF16 outputs, as in the recipe) -- input gradients in the input's
+dtype and weight gradients in the weight's dtype (FP32 master weights give FP32 gradients to accumulate).
+Autocast is switched off inside the Functions: every operand's dtype is chosen here, and letting autocast
+recast them (``torch.cat`` of float8 tensors fails under it; the emulated GEMM's FP32 matmul would silently
+become a BF16 one) would break the numerics contract.
 
 What is saved for backward is FP8 only: x in the 128x1 Wgrad tiling (quantized straight from the
 high-precision input, so it is not rounded twice) and the FP8 weight, each with its fp32 tile scales,
@@ -26,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from frugalm.fp8.backends import GemmBackend, resolve_backend
+from frugalm.fp8.backends import EmulatedGemm, GemmBackend, resolve_backend
 from frugalm.fp8.quantize import (
     WEIGHT_TILE,
     WGRAD_TILE,
@@ -35,6 +39,18 @@ from frugalm.fp8.quantize import (
     quantize_for_wgrad,
     quantize_weight,
 )
+
+
+def _output_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype where autocast is on for ``x``'s device (what ``nn.Linear`` would return), else x's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _no_autocast(device_type: str) -> torch.autocast:
+    return torch.autocast(device_type, enabled=False)
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -50,6 +66,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         power_of_two: bool,
         keep_for_wgrad: bool,
         keep_for_dgrad: bool,
+        out_dtype: torch.dtype,
     ) -> Tensor:
         out_features, in_features = weight.shape
         if x.shape[-1] != in_features:
@@ -70,10 +87,15 @@ class _FP8LinearFunction(torch.autograd.Function):
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+        return y.to(out_dtype).reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        with _no_autocast(dy.device.type):
+            return _FP8LinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
         xw_data, xw_scale, w_data, w_scale = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -88,7 +110,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             dw = ctx.gemm.gemm(dyw.t(), xw.t(), ctx.w_dtype)
         if need_db and ctx.has_bias:
             db = dy2.float().sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 def fp8_linear(
@@ -102,15 +124,18 @@ def fp8_linear(
     """``x @ weight.T + bias`` with DeepSeek-V3's FP8 recipe in forward and backward.
 
     ``backend`` is a name from `frugalm.fp8.backends.BACKEND_NAMES` (resolved for ``x.device``) or a
-    backend object.
+    backend object. Under ``torch.autocast`` the result is in the autocast dtype (like ``nn.Linear``),
+    while the GEMMs themselves stay FP8 with FP32 accumulation.
     """
     gemm = resolve_backend(backend, x.device)
     grad_on = torch.is_grad_enabled()
     keep_for_wgrad = grad_on and weight.requires_grad
     keep_for_dgrad = grad_on and x.requires_grad
-    return _FP8LinearFunction.apply(
-        x, weight, bias, gemm, power_of_two_scales, keep_for_wgrad, keep_for_dgrad
-    )
+    out_dtype = _output_dtype(x)
+    with _no_autocast(x.device.type):
+        return _FP8LinearFunction.apply(
+            x, weight, bias, gemm, power_of_two_scales, keep_for_wgrad, keep_for_dgrad, out_dtype
+        )
 
 
 class FP8Linear(nn.Linear):
@@ -170,6 +195,28 @@ def _group_bounds(offs: Tensor, n_experts: int, n_rows: int) -> list[tuple[int, 
     return list(zip(starts, ends))
 
 
+def _grouped_gemm(
+    gemm: GemmBackend, a: FP8Tensor, b: FP8Tensor, bounds: list[tuple[int, int]], out: Tensor, transpose_b: bool
+) -> Tensor:
+    """``out[s:t] = a[s:t] @ b[e]^T`` (``b[e]`` if ``transpose_b``) for each expert's rows ``s:t``.
+
+    The emulated backend dequantizes ``a`` and the stacked ``b`` once instead of per expert: dequantization
+    is elementwise (each element times its own tile's scale), so the products are the ones
+    `EmulatedGemm.gemm` computes expert by expert, bit for bit, with fewer small ops.
+    """
+    if isinstance(gemm, EmulatedGemm):
+        a32, b32 = a.dequantize(torch.float32), b.dequantize(torch.float32)
+        for e, (s, t) in enumerate(bounds):
+            if t > s:
+                be = b32[e] if transpose_b else b32[e].t()
+                out[s:t] = torch.mm(a32[s:t], be)
+        return out
+    for e, (s, t) in enumerate(bounds):
+        if t > s:
+            out[s:t] = gemm.gemm(a.rows(s, t), b[e].t() if transpose_b else b[e], out.dtype)
+    return out
+
+
 class _FP8GroupedLinearFunction(torch.autograd.Function):
     """Per-expert ``y[rows_e] = x[rows_e] @ w[e]^T`` with the same FP8 tilings as `_FP8LinearFunction`.
 
@@ -188,6 +235,7 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
         power_of_two: bool,
         keep_for_wgrad: bool,
         keep_for_dgrad: bool,
+        out_dtype: torch.dtype,
     ) -> Tensor:
         if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
             raise ValueError(f"expected x [N, in] and w [E, out, in], got {tuple(x.shape)} and {tuple(w.shape)}")
@@ -195,10 +243,8 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
         bounds = _group_bounds(offs, n_experts, x.shape[0])
         xq = quantize_activation(x, power_of_two=power_of_two)
         wq = quantize_weight(w, power_of_two=power_of_two)
-        y = torch.zeros(x.shape[0], out_features, dtype=x.dtype, device=x.device)
-        for e, (s, t) in enumerate(bounds):
-            if t > s:
-                y[s:t] = gemm.gemm(xq.rows(s, t), wq[e], x.dtype)
+        y = torch.zeros(x.shape[0], out_features, dtype=out_dtype, device=x.device)
+        _grouped_gemm(gemm, xq, wq, bounds, y, transpose_b=False)
         x_data = x_scale = None
         if keep_for_wgrad:
             parts = [quantize_for_wgrad(x[s:t], power_of_two=power_of_two) for s, t in bounds if t > s]
@@ -214,6 +260,11 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        with _no_autocast(dy.device.type):
+            return _FP8GroupedLinearFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
         x_data, x_scale, w_data, w_scale = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
         device = dy.device
@@ -222,19 +273,18 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
         if need_dx:
             wq = FP8Tensor(w_data, w_scale, WEIGHT_TILE)
             dyq = quantize_activation(dy, power_of_two=ctx.power_of_two)
+            _grouped_gemm(ctx.gemm, dyq, wq, ctx.bounds, dx, transpose_b=True)
         scale_row = 0
         for e, (s, t) in enumerate(ctx.bounds):
             if t == s:
                 continue
-            if need_dx:
-                dx[s:t] = ctx.gemm.gemm(dyq.rows(s, t), wq[e].t(), ctx.x_dtype)
             if need_dw:
                 tiles = math.ceil((t - s) / WGRAD_TILE[0])
                 xw = FP8Tensor(x_data[s:t], x_scale[scale_row: scale_row + tiles], WGRAD_TILE)
                 scale_row += tiles
                 dyw = quantize_for_wgrad(dy[s:t], power_of_two=ctx.power_of_two)
                 dw[e] = ctx.gemm.gemm(dyw.t(), xw.t(), ctx.w_dtype)
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def fp8_grouped_linear(
@@ -252,9 +302,12 @@ def fp8_grouped_linear(
     """
     gemm = resolve_backend(backend, x.device)
     grad_on = torch.is_grad_enabled()
-    return _FP8GroupedLinearFunction.apply(
-        x, w, offs, gemm, power_of_two_scales, grad_on and w.requires_grad, grad_on and x.requires_grad
-    )
+    out_dtype = _output_dtype(x)
+    with _no_autocast(x.device.type):
+        return _FP8GroupedLinearFunction.apply(
+            x, w, offs, gemm, power_of_two_scales, grad_on and w.requires_grad, grad_on and x.requires_grad,
+            out_dtype,
+        )
 
 
 @dataclass(frozen=True)

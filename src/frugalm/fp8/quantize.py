@@ -169,10 +169,38 @@ def expand_scale(scale: Tensor, tile: tuple[int, int], rows: int, cols: int) -> 
     return full[..., :rows, :cols]
 
 
+_E4M3_TABLES: dict[torch.device, Tensor] = {}
+
+
+def e4m3_to_float(data: Tensor) -> Tensor:
+    """``data.float()`` for a float8_e4m3fn tensor, by table look-up of its 256 bit patterns.
+
+    Bit-identical to the cast (NaN patterns included) and several times faster on CPU, where the cast
+    converts element by element; on other devices the cast is used.
+    """
+    if data.device.type != "cpu":
+        return data.float()
+    table = _E4M3_TABLES.get(data.device)
+    if table is None:
+        table = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).float()
+        _E4M3_TABLES[data.device] = table
+    codes = data.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+    return torch.index_select(table, 0, codes).view(data.shape)
+
+
 def dequantize_tiles(data: Tensor, scale: Tensor, tile: tuple[int, int], dtype: torch.dtype = torch.float32) -> Tensor:
-    """``float(data) * scale`` of each element's tile."""
-    rows, cols = data.shape[-2:]
-    return (data.float() * expand_scale(scale, tile, rows, cols)).to(dtype)
+    """``float(data) * scale`` of each element's tile (one fp32 multiply per element, whatever the path)."""
+    *lead, rows, cols = data.shape
+    values = e4m3_to_float(data)
+    # A tile wider than its dimension is that dimension (one tile); otherwise the tiles must divide it
+    # for the broadcast below, and an edge tile falls back to the expanded per-element scale.
+    tr, tc = min(tile[0], rows), min(tile[1], cols)
+    if rows and cols and rows % tr == 0 and cols % tc == 0:
+        blocks = values.view(*lead, rows // tr, tr, cols // tc, tc)
+        out = (blocks * scale.float().unsqueeze(-1).unsqueeze(-3)).view(*lead, rows, cols)
+    else:
+        out = values * expand_scale(scale, tile, rows, cols)
+    return out.to(dtype)
 
 
 def quantize_activation(x: Tensor, *, power_of_two: bool = False) -> FP8Tensor:
