@@ -5,6 +5,16 @@ The runner owns the cache tensor `[cache_layers, num_blocks, block_size, kv_lora
 by layer: the projections, norms, MoE (grouped GEMM, no loop over experts) and head are the model's,
 only attention is replaced by the two paged paths in `frugalm.serve.mla`. All sequences of a step are
 flattened into one token batch, so every matmul outside attention sees the whole step at once.
+
+Decode-only steps (every sequence feeds exactly one token: the common case once prompts are in) take a
+leaner path, `_decode_layer`: at short contexts much of a small model's step is per-op dispatch and
+Python overhead rather than FLOPs, so that path works on flat [B, d] rows with the model's own weights
+through functional calls (no module dispatch), builds its per-step tensors (slots, padded block tables,
+an additive length mask, complex RoPE factors) once per step rather than per layer, runs absorbed MLA as
+a handful of batched matmuls over one `index_select` of the cache, and calls the model's router and
+grouped expert GEMM without the training-side bookkeeping. It computes the same function as the general
+path (same weights and formulas; sums may round differently), which tests/serve checks against the
+general path and against full recomputation.
 """
 
 from __future__ import annotations
@@ -13,8 +23,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from frugalm.model.attention import MLA, RMSNorm
+from frugalm.model.moe import MoE, SwiGLU
 from frugalm.model.transformer import DecoderLayer, DeepSeekV3
 from frugalm.serve.mla import AttentionGroup, absorbed_attention, prefill_attention
 
@@ -29,6 +42,14 @@ class StepInput:
     row_starts: list[int]  # first flat row of each sequence
     prefill: Optional[AttentionGroup]
     decode: Optional[AttentionGroup]
+    # Set only for decode-only steps with one token per sequence (the lean path):
+    block_ids: Optional[torch.Tensor] = None  # [B * nb] each sequence's first nb cache blocks, flattened
+    mask: Optional[torch.Tensor] = None  # [B, 1, nb * block_size] additive: 0 for keys <= position, -inf after
+    rope: Optional[torch.Tensor] = None  # [B, rope_dim / 2] complex cos + i sin at each position
+
+    @property
+    def lean(self) -> bool:
+        return self.block_ids is not None
 
 
 def cache_entry_dim(model: DeepSeekV3) -> int:
@@ -50,6 +71,8 @@ class ModelRunner:
         # Zeros, not empty: padded block ids read block 0, and masked garbage must not be NaN (0 * NaN).
         self.cache = torch.zeros(layers, num_blocks, block_size, cache_entry_dim(model), device=self.device,
                                  dtype=self.dtype)
+        blocks = list(model.model.layers) + ([m.block for m in model.mtp[:1]] if use_mtp else [])
+        self.lean_decode = all(_lean_layer_ok(b) for b in blocks) and type(model.lm_head) is nn.Linear
 
     @property
     def bytes_per_token(self) -> int:
@@ -59,6 +82,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ inputs
     def prepare(self, items: list[tuple[list[int], int, list[int], bool]]) -> StepInput:
         """items: (tokens fed, first position, block table, use the decode path) per sequence."""
+        if self.lean_decode and all(decode and len(tokens) == 1 for tokens, _, _, decode in items):
+            return self._prepare_lean(items)
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -82,6 +107,31 @@ class ModelRunner:
             row_starts=row_starts,
             prefill=AttentionGroup.build(pre, bs, dev) if pre else None,
             decode=AttentionGroup.build(dec, bs, dev) if dec else None,
+        )
+
+    def _prepare_lean(self, items: list[tuple[list[int], int, list[int], bool]]) -> StepInput:
+        """One query per sequence: everything the layers share, built once for the step."""
+        bs = self.block_size
+        ids, positions, slots, tables = [], [], [], []
+        nb = max(start // bs for _, start, _, _ in items) + 1
+        for tokens, start, table, _ in items:
+            ids.append(tokens[0])
+            positions.append(start)
+            slots.append(table[start // bs] * bs + start % bs)
+            used = start // bs + 1
+            tables.extend(table[:used])
+            tables.extend([0] * (nb - used))
+        dev = self.device
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        keys = torch.arange(nb * bs, device=dev)
+        mask = torch.zeros(len(items), 1, nb * bs, device=dev)  # fp32: scores are softmaxed in fp32
+        mask.masked_fill_((keys[None, :] > pos[:, None])[:, None, :], float("-inf"))
+        cos, sin = self.model.rotary(pos)
+        return StepInput(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev), positions=pos,
+            slots=torch.tensor(slots, dtype=torch.long, device=dev), row_starts=list(range(len(items))),
+            prefill=None, decode=None, block_ids=torch.tensor(tables, dtype=torch.long, device=dev),
+            mask=mask, rope=torch.complex(cos, sin),
         )
 
     # ------------------------------------------------------------------ forward
@@ -109,6 +159,11 @@ class ModelRunner:
     def forward(self, step: StepInput) -> torch.Tensor:
         """Main model: final-norm hidden states [N, d] of every fed token."""
         m = self.model
+        if step.lean:
+            x = F.embedding(step.input_ids, m.model.embed_tokens.weight)
+            for i, layer in enumerate(m.model.layers):
+                x = _decode_layer(layer, self.cache[i], x, step)
+            return _norm(m.model.norm, x)
         cos, sin = m.rotary(step.positions[None])
         x = m.model.embed_tokens(step.input_ids)[None]
         for i, layer in enumerate(m.model.layers):
@@ -121,6 +176,11 @@ class ModelRunner:
         h_prev [N, d] the main model's (or the previous draft's) hidden state at position i."""
         m = self.model
         mtp = m.mtp[0]
+        if step.lean:
+            emb = F.embedding(step.input_ids, m.model.embed_tokens.weight)
+            x = mtp.eh_proj(torch.cat([_norm(mtp.enorm, emb), _norm(mtp.hnorm, h_prev)], dim=-1))
+            x = _decode_layer(mtp.block, self.cache[self.num_layers], x, step)
+            return _norm(mtp.shared_head.norm, x)
         cos, sin = m.rotary(step.positions[None])
         emb = m.model.embed_tokens(step.input_ids)[None]
         x = mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(h_prev[None])], dim=-1))
@@ -142,3 +202,105 @@ def default_num_blocks(model: nn.Module, block_size: int, bytes_per_token: int, 
         return max(1, int(free * 0.9) // per_block)
     want = -(-max_num_seqs * max_model_len // block_size)
     return max(1, min(want, (1 << 30) // per_block))
+
+
+# ---------------------------------------------------------------------------------------- lean decode path
+def _lean_layer_ok(layer: nn.Module) -> bool:
+    """The lean path calls weights functionally, so it only takes the stock modules (no FP8 or other
+    swapped-in linears, no hooks); anything else runs the general path, which calls the modules."""
+    if not isinstance(layer, DecoderLayer) or type(layer.self_attn) is not MLA:
+        return False
+    if layer.self_attn.nope_dim % 2 or layer.self_attn.kv_lora_rank % 2:  # complex views of the rope halves
+        return False
+    mlp = layer.mlp
+    if type(mlp) is MoE:
+        mlp = mlp.shared_experts
+    if mlp is not None and type(mlp) is not SwiGLU:
+        return False
+    for m in layer.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if isinstance(m, nn.Linear) and type(m) is not nn.Linear:
+            return False
+    return True
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm; in fp32 the fused kernel gives RMSNorm.forward's numbers with fewer ops."""
+    if x.dtype == torch.float32 and type(norm) is RMSNorm:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm(x)
+
+
+def _linear(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, mod.weight, mod.bias)
+
+
+def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """`frugalm.model.rope.apply_rope` as one complex multiply: pair (x0, x1) -> (x0 + i x1)(cos + i sin)."""
+    fp32 = x.dtype == torch.float32  # skip no-op casts: at decode sizes every dispatched op counts
+    xc = torch.view_as_complex((x if fp32 else x.float()).unflatten(-1, (-1, 2)))
+    out = torch.view_as_real(xc * rot).flatten(-2)
+    return out if fp32 else out.to(x.dtype)
+
+
+def _swiglu(mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight), mlp.down_proj.weight)
+
+
+def _moe(mlp: MoE, x: torch.Tensor) -> torch.Tensor:
+    """MoE.forward for decode rows: the model's router and grouped experts, minus the training-side
+    bookkeeping (expert-count statistics, balance loss) and no-op casts."""
+    routing = mlp.gate(x)
+    K = routing.indices.shape[-1]
+    flat = routing.indices.view(-1)
+    order = flat.argsort(stable=True)
+    ex = mlp.experts
+    offs = torch.bincount(flat, minlength=ex.n_experts).cumsum(0, dtype=torch.int32)
+    token = order.div(K, rounding_mode="floor")
+    xs = x.index_select(0, token)
+    y = ex(xs, offs)  # the model's grouped experts: one grouped GEMM per projection, no loop over experts
+    w = routing.weights.view(-1, 1).index_select(0, order)
+    y = y * (w if w.dtype == y.dtype else w.to(y.dtype))
+    out = torch.zeros_like(x).index_add_(0, token, y)
+    if mlp.shared_experts is not None:
+        out = out + _swiglu(mlp.shared_experts, x)
+    return out
+
+
+def _decode_layer(layer: DecoderLayer, cache: torch.Tensor, x: torch.Tensor, step: StepInput) -> torch.Tensor:
+    """One decoder layer for B single-token decodes: x [B, d] -> [B, d]; writes the B new latents to `cache`.
+
+    Same computation as `_layer` + `absorbed_attention`: W_UK folded into the query, scores against the
+    cached [c_kv | k_pe] rows shared by all heads, W_UV applied to the latent attention result.
+    """
+    attn = layer.self_attn
+    B = x.shape[0]
+    H, nope, r = attn.n_heads, attn.nope_dim, attn.kv_lora_rank
+    h = _norm(layer.input_layernorm, x)
+    if attn.cfg.q_lora_rank:
+        q = F.linear(_norm(attn.q_a_layernorm, _linear(attn.q_a_proj, h)), attn.q_b_proj.weight)
+    else:
+        q = F.linear(h, attn.q_proj.weight)
+    q = q.view(B, H, -1)
+    kv = _linear(attn.kv_a_proj_with_mqa, h)
+    c_kv = _norm(attn.kv_a_layernorm, kv[:, :r])
+    k_pe = _rope(kv[:, r:], step.rope)
+    D = cache.shape[-1]
+    cache.view(-1, D).index_copy_(0, step.slots, torch.cat([c_kv, k_pe], dim=-1))
+
+    w = attn.kv_b_proj.weight.view(H, nope + attn.v_dim, r)
+    q_lat = torch.bmm(q[:, :, :nope].transpose(0, 1), w[:, :nope]).transpose(0, 1)  # [B, H, r]
+    q = torch.cat([q_lat, _rope(q[:, :, nope:], step.rope[:, None])], dim=-1)  # [B, H, r + rope]
+    ctx = cache.index_select(0, step.block_ids).view(B, -1, D)  # [B, S, r + rope]
+    if step.mask.dtype == q.dtype:
+        scores = torch.baddbmm(step.mask, q, ctx.transpose(1, 2), alpha=attn.softmax_scale)
+    else:
+        scores = torch.add(step.mask, torch.bmm(q, ctx.transpose(1, 2)).float(), alpha=attn.softmax_scale)
+    probs = scores.softmax(-1)
+    o_lat = torch.bmm(probs if probs.dtype == ctx.dtype else probs.to(ctx.dtype), ctx[..., :r])  # [B, H, r]
+    o = torch.bmm(o_lat.transpose(0, 1), w[:, nope:].transpose(1, 2)).transpose(0, 1).reshape(B, -1)
+    x = x + _linear(attn.o_proj, o)
+    h = _norm(layer.post_attention_layernorm, x)
+    mlp = layer.mlp
+    return x + (_moe(mlp, h) if type(mlp) is MoE else _swiglu(mlp, h))
