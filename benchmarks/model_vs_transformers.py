@@ -6,7 +6,7 @@ measured against this machine's own dense fp32 `torch.matmul` rate, taken in the
 Peak memory is measured per implementation in a fresh child process (peak RSS growth over the
 post-load baseline during fwd+bwd), since CPU allocations are not tracked by torch.
 
-    python benchmarks/model_vs_transformers.py [--rounds 5] [--batch 4] [--seq 256]
+    python benchmarks/model_vs_transformers.py [--rounds 5] [--batch 4] [--seq 256] [--clock cpu] [--compile]
 """
 
 from __future__ import annotations
@@ -54,13 +54,37 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
         return 6 * active + 3 * attn
 
 
-def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+def matmul_rate(n: int = 2048, reps: int = 5, clock=time.perf_counter) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    t = time.perf_counter()
+    t = clock()
     for _ in range(reps):
         a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+    return 2 * n**3 * reps / (clock() - t)
+
+
+def expert_gemm_rate(cfg: ModelConfig, tokens: int, reps: int = 3, clock=time.perf_counter) -> float:
+    """FLOP/s of the routed experts alone (grouped gate_up + down GEMMs, forward and backward) at this
+    batch's rows per expert, with a balanced load: the ceiling the MoE layers' GEMMs can reach here."""
+    from frugalm.model.moe import GroupedExperts
+
+    E, K, d, inter = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+    experts = GroupedExperts(E, d, inter)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.02)
+    torch.nn.init.normal_(experts.down_proj, std=0.02)
+    counts = torch.full((E,), tokens * K // E)
+    counts[: tokens * K - int(counts.sum())] += 1
+    offs = counts.cumsum(0, dtype=torch.int32)
+    x = torch.randn(tokens * K, d, requires_grad=True)
+    dy = torch.randn(tokens * K, d)
+    best = float("inf")
+    for i in range(reps + 1):
+        t = clock()
+        experts(x, offs).backward(dy)
+        experts.gate_up_proj.grad = experts.down_proj.grad = x.grad = None
+        if i:
+            best = min(best, clock() - t)
+    return 6 * tokens * K * 3 * d * inter / best
 
 
 def build(name: str, impl: str, path: str):
@@ -86,18 +110,18 @@ def step(model, ids: torch.Tensor) -> None:
         p.grad = None
 
 
-def time_impls(models: dict, ids: torch.Tensor, rounds: int) -> tuple[dict[str, float], float]:
+def time_impls(models: dict, ids: torch.Tensor, rounds: int, clock=time.perf_counter) -> tuple[dict[str, float], float]:
     """Best-of-rounds tokens/s per implementation, and the best matmul rate seen between them."""
     for m in models.values():
         step(m, ids)  # warm-up
     best = {k: float("inf") for k in models}
     rate = 0.0
     for _ in range(rounds):
-        rate = max(rate, matmul_rate(reps=2))
+        rate = max(rate, matmul_rate(reps=2, clock=clock))
         for k, m in models.items():
-            t = time.perf_counter()
+            t = clock()
             step(m, ids)
-            best[k] = min(best[k], time.perf_counter() - t)
+            best[k] = min(best[k], clock() - t)
     return {k: ids.numel() / v for k, v in best.items()}, rate
 
 
@@ -128,38 +152,74 @@ def peak_memory(name: str, impl: str, path: str, batch: int, seq: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
+def compile_impl(model, impl: str):
+    """`--compile`: ours through frugalm.model.compile.compile_model, transformers' through torch.compile."""
+    if impl == "frugalm":
+        from frugalm.model.compile import compile_model
+
+        return compile_model(model)
+    return torch.compile(model)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--configs", default="fine,coarse")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time steps and the matmul reference by wall clock, or by this process's CPU time "
+                         "(with one thread: the wall time it would take if no other job took the core)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile'd frugalm and transformers (grouped_mm); compile time reported")
+    ap.add_argument("--no-eager-hf", action="store_true", help="skip transformers' eager experts (slow on fine)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         name, impl, path, b, s = args.child
         child_memory(name, impl, path, int(b), int(s))
         return
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
-    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, clock: {args.clock}")
     for name in args.configs.split(","):
         cfg = model_config(name)
         with tempfile.TemporaryDirectory() as path:
             DeepSeekV3(cfg).init_weights(0).save_pretrained(path)
-            impls = ["frugalm", "hf-eager", "hf-grouped_mm"]
+            impls = ["frugalm", "hf-grouped_mm"] if args.no_eager_hf else ["frugalm", "hf-eager", "hf-grouped_mm"]
             models = {k: build(name, k, path) for k in impls}
             ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
-            tps, rate = time_impls(models, ids, args.rounds)
-            hf_best = max(("hf-eager", "hf-grouped_mm"), key=lambda k: tps[k])
+            compile_s = {}
+            if args.compile:
+                for k in ("frugalm", "hf-grouped_mm"):
+                    compiled = compile_impl(build(name, k, path), k)
+                    t = time.perf_counter()
+                    try:
+                        step(compiled, ids)
+                        step(compiled, ids)
+                    except Exception as e:  # report, do not hide: the row is then missing
+                        print(f"  compile of {k} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                        continue
+                    compile_s[k + "+compile"] = time.perf_counter() - t
+                    models[k + "+compile"] = compiled
+            tps, rate = time_impls(models, ids, args.rounds, clock)
+            hf_best = max((k for k in models if k.startswith("hf-") and "compile" not in k), key=lambda k: tps[k])
             mem = {k: peak_memory(name, k, path, args.batch, args.seq) for k in ("frugalm", hf_best)}
+            gemm = expert_gemm_rate(cfg, args.batch * args.seq, clock=clock)
         fpt = flops_per_token(cfg, args.seq)
         print(f"\n[{name}] {cfg.n_routed_experts} experts x {cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}, "
               f"{cfg.n_shared_experts} shared, groups {cfg.n_group}/{cfg.topk_group}; batch {args.batch}x{args.seq}; "
               f"{fpt / 1e6:.1f} MFLOP/token; dense fp32 matmul 2048^3 (best in run): {rate / 1e9:.1f} GFLOP/s")
-        for k in impls:
+        for k in models:
             mfu = tps[k] * fpt / rate
-            print(f"  {k:15s} {tps[k]:9.0f} tokens/s   {100 * mfu:5.1f}% of matmul rate")
+            extra = f"   (compile + 2 first steps: {compile_s[k]:.0f} s wall)" if k in compile_s else ""
+            print(f"  {k:22s} {tps[k]:9.0f} tokens/s   {100 * mfu:5.1f}% of matmul rate{extra}")
         print(f"  speed-up frugalm / transformers ({hf_best}): {tps['frugalm'] / tps[hf_best]:.2f}x")
+        if "frugalm+compile" in tps and "hf-grouped_mm+compile" in tps:
+            print(f"  speed-up compiled frugalm / compiled transformers: "
+                  f"{tps['frugalm+compile'] / tps['hf-grouped_mm+compile']:.2f}x")
+        print(f"  routed-expert grouped GEMMs alone (fwd+bwd, balanced, {args.batch * args.seq * cfg.num_experts_per_tok // cfg.n_routed_experts} rows/expert): "
+              f"{gemm / 1e9:.1f} GFLOP/s = {100 * gemm / rate:.0f}% of the matmul rate")
         print(f"  peak memory fwd+bwd: frugalm {mem['frugalm']:.0f} MiB, transformers {mem[hf_best]:.0f} MiB "
               f"({mem[hf_best] / max(mem['frugalm'], 1e-9):.2f}x)")
 

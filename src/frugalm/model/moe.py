@@ -46,80 +46,26 @@ def _split_sizes(offs: torch.Tensor) -> list[int]:
     return torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
 
 
-class _Padded:
-    """Rows sorted by expert laid into a zero-padded [E, C, ·] batch (C = the busiest expert's rows).
-
-    On CPU one batched GEMM over that layout beats torch._grouped_mm several-fold, and its 2-D x 2-D
-    (weight-gradient) form is pathologically slow there (about 40x in our measurements); padding costs
-    at most `max_pad` x the real rows, beyond which we fall back (see `_use_padded`).
-    """
-
-    def __init__(self, offs: torch.Tensor, n_rows: int):
-        counts = torch.diff(offs.long(), prepend=offs.new_zeros(1, dtype=torch.long))
-        self.capacity = int(counts.max()) if counts.numel() else 0
-        self.expert = torch.repeat_interleave(torch.arange(counts.numel(), device=offs.device), counts)
-        starts = torch.repeat_interleave(offs.long() - counts, counts)
-        self.slot = torch.arange(n_rows, device=offs.device) - starts
-        self.n_experts = counts.numel()
-
-    def pad(self, rows: torch.Tensor) -> torch.Tensor:
-        out = rows.new_zeros(self.n_experts, self.capacity, rows.shape[-1])
-        out[self.expert, self.slot] = rows
-        return out
-
-    def unpad(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch[self.expert, self.slot]
-
-
-def _use_padded(x: torch.Tensor, offs: torch.Tensor, max_pad: float = 2.0) -> Optional[_Padded]:
-    if x.device.type != "cpu" or x.shape[0] == 0:
-        return None
-    layout = _Padded(offs, x.shape[0])
-    return layout if layout.n_experts * layout.capacity <= max_pad * x.shape[0] else None
-
-
 class _GroupedLinear(torch.autograd.Function):
-    """y[rows of e] = x[rows of e] @ w[e].T with all three GEMMs batched per expert.
+    """y[rows of e] = x[rows of e] @ w[e].T, and both gradients, as three torch._grouped_mm calls.
 
-    Two layouts: torch._grouped_mm over the sorted rows (GPUs), or one bmm over a padded [E, C, ·]
-    batch (CPU, when padding is cheap). torch._grouped_mm's own backward is not implemented on every
-    device (it fails on CPU in torch 2.13), so the backward is spelled out.
+    dx is the grouped GEMM of dy with w, dw the 2-D x 2-D form over the same offsets (it writes zeros
+    for experts without rows). torch._grouped_mm's own autograd rejects a non-contiguous or expanded
+    dy, so the backward is spelled out and makes dy contiguous first.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, layout: Optional[_Padded]) -> torch.Tensor:
-        ctx.layout = layout
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w, offs)
-        if layout is not None:
-            return layout.unpad(torch.bmm(layout.pad(x), w.transpose(1, 2)))
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w, offs = ctx.saved_tensors
-        layout: Optional[_Padded] = ctx.layout
         dy = dy.contiguous()
-        dx = dw = None
-        if layout is not None:
-            dy_pad = layout.pad(dy)
-            if ctx.needs_input_grad[0]:
-                dx = layout.unpad(torch.bmm(dy_pad, w))
-            if ctx.needs_input_grad[1]:
-                dw = torch.bmm(dy_pad.transpose(1, 2), layout.pad(x))
-            return dx, dw, None, None
-        if ctx.needs_input_grad[0]:
-            dx = torch._grouped_mm(dy, w, offs=offs)
-        if ctx.needs_input_grad[1]:
-            if x.device.type == "cpu":  # the 2-D x 2-D grouped GEMM is very slow on CPU: one mm per busy expert
-                dw = torch.zeros_like(w)
-                start = 0
-                for e, n in enumerate(_split_sizes(offs)):
-                    if n:
-                        torch.mm(dy[start:start + n].t(), x[start:start + n], out=dw[e])
-                        start += n
-            else:
-                dw = torch._grouped_mm(dy.t(), x, offs=offs)
-        return dx, dw, None, None
+        dx = torch._grouped_mm(dy, w, offs=offs) if ctx.needs_input_grad[0] else None
+        dw = torch._grouped_mm(dy.t(), x, offs=offs) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -130,9 +76,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
         dtype = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             return grouped_linear(x.to(dtype), w.to(dtype), offs)
-    layout = _use_padded(x, offs) if x.dtype == w.dtype else None
-    if layout is not None or _grouped_mm_supported(x, w):
-        return _GroupedLinear.apply(x, w, offs, layout)
+    if _grouped_mm_supported(x, w):
+        return _GroupedLinear.apply(x, w, offs)
     # Fallback: one GEMM per expert that received tokens (empty experts cost nothing).
     out = x.new_empty(x.shape[0], w.shape[1])
     start = 0
@@ -187,12 +132,18 @@ class Router(nn.Module):
         scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
         biased = scores.detach() + self.e_score_correction_bias
         if cfg.n_group > 1 and cfg.topk_method != "greedy":
-            grouped = biased.unflatten(-1, (cfg.n_group, -1))
-            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [N, G]
-            keep = group_score.topk(cfg.topk_group, dim=-1).indices
-            group_mask = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
-            biased = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(-2)
-        indices = biased.topk(cfg.num_experts_per_tok, dim=-1).indices
+            grouped = biased.unflatten(-1, (cfg.n_group, -1))  # [N, G, S]
+            size = grouped.shape[-1]
+            # group score = sum of its two best (max, then max with that one knocked out: cheaper than topk(2))
+            best, arg = grouped.max(-1)
+            second = grouped.scatter(-1, arg.unsqueeze(-1), float("-inf")).amax(-1)
+            keep = (best + second).topk(cfg.topk_group, dim=-1).indices  # [N, topk_group]
+            # choose among the kept groups' experts only: the others can never be picked
+            kept = grouped.gather(1, keep.unsqueeze(-1).expand(-1, -1, size)).flatten(1)
+            local = kept.topk(cfg.num_experts_per_tok, dim=-1).indices
+            indices = keep.gather(1, local // size) * size + local % size
+        else:
+            indices = biased.topk(cfg.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(-1, indices)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -247,10 +198,11 @@ class MoE(nn.Module):
         K = routing.indices.shape[-1]
         flat_expert = routing.indices.reshape(-1)
         order = flat_expert.argsort(stable=True)
-        counts = torch.bincount(flat_expert, minlength=self.cfg.n_routed_experts)
+        counts = flat_expert.new_zeros(self.cfg.n_routed_experts).scatter_add_(  # static shape (compile)
+            0, flat_expert, torch.ones_like(flat_expert))
         self.last_expert_counts = counts.detach()
-        offs = counts.cumsum(0).to(torch.int32)
-        token = order // K
-        out = self.experts(x[token], offs)
-        out = out * routing.weights.reshape(-1, 1)[order].to(out.dtype)
+        offs = counts.cumsum(0, dtype=torch.int32)
+        token = order.div(K, rounding_mode="floor")
+        out = self.experts(x.index_select(0, token), offs)
+        out = out * routing.weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(out.dtype)
         return torch.zeros(x.shape, dtype=out.dtype, device=x.device).index_add_(0, token, out)
