@@ -84,4 +84,7 @@ def test_r1_pipeline_end_to_end(tiny_model_dir, tmp_path, capsys):
     for d in ("sft", "grpo"):
         assert (out / d / "model.safetensors").is_file() and (out / d / "tokenizer.json").is_file()
     assert report["stages"]["grpo"]["n"] == 4 and "pass_at_k" in report["stages"]["grpo"]
+    # the second split is evaluated greedily only (r1.also_eval_k = 1), and its verdict says so
+    assert report["stages_test"]["grpo"]["pass_at_k"] is None and report["stages_test"]["grpo"]["n"] == 4
+    assert "pass@k is not measured" in report["verdict"]["test"]["summary"]
     assert report["seconds"]["grpo"] > 0

@@ -96,3 +96,19 @@ def test_evaluate_task_metrics_are_consistent(tiny_model_dir):
     assert r.to_dict(with_samples=False) | {"seconds": 0} == again.to_dict(with_samples=False) | {"seconds": 0}
     assert r.n == 6 and r.mean_length <= 8 and r.truncated_rate > 0.5
     assert 0 <= r.pass_at_1_sampled <= r.pass_at_k <= 1 and 0 <= r.maj_at_k <= r.pass_at_k
+
+
+def test_one_engine_run_for_several_jobs_equals_separate_runs(tiny_model_dir):
+    """Evaluation decodes its greedy and sampled completions in one engine run: same results as two runs."""
+    from frugalm.reason.response_format import build_prompt_ids
+    from frugalm.reason.rollout import SamplingSettings, generate, generate_jobs
+
+    policy = load_policy(tiny_model_dir, device="cpu")
+    prompts = [build_prompt_ids(policy.tokenizer, e.prompt) for e in TASK.examples("test", 3, 0)]
+    greedy = SamplingSettings(n=1, temperature=0.0, max_tokens=6)
+    sampled = SamplingSettings(n=3, temperature=1.0, top_p=0.9, max_tokens=5, seed=7)
+    together = generate_jobs(policy, [(prompts, greedy), (prompts, sampled)], max_num_seqs=5)
+    apart = [generate(policy, prompts, greedy, max_num_seqs=5), generate(policy, prompts, sampled, max_num_seqs=5)]
+    as_ids = lambda out: [[s.token_ids for s in group] for group in out]  # noqa: E731
+    assert [as_ids(o) for o in together] == [as_ids(o) for o in apart]
+    assert [len(g) for g in together[1]] == [3, 3, 3] and all(len(s.token_ids) <= 5 for g in together[1] for s in g)

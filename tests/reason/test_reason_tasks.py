@@ -11,7 +11,8 @@ from frugalm.reason.tasks import AdditionTask, CountdownTask, JsonlTask, SortTas
 from frugalm.reason.tasks.countdown import evaluate_expression
 
 
-@pytest.mark.parametrize("task", [AdditionTask(), CountdownTask(), SortTask()], ids=lambda t: t.name)
+@pytest.mark.parametrize("task", [AdditionTask(), AdditionTask(notation="hinted"), CountdownTask(), SortTask()],
+                         ids=["addition", "addition-hinted", "countdown", "sort"])
 def test_generators_are_deterministic_disjoint_and_heldout_is_longer(task):
     a = task.examples("train", 200, seed=3)
     assert a == task.examples("train", 200, seed=3)
@@ -40,7 +41,7 @@ def test_heldout_operands_are_longer_than_any_training_operand():
 def test_addition_reasoning_carries():
     from frugalm.reason.tasks.addition import column_steps
 
-    task = AdditionTask()
+    task = AdditionTask(notation="plain")
 
     assert column_steps(58, 67) == "8+7=15, 5+6+1=12"
     assert column_steps(999, 1) == "9+1=10, 9+0+1=10, 9+0+1=10"
@@ -55,6 +56,50 @@ def test_addition_reasoning_carries():
 ])
 def test_addition_checker(answer, ok):
     assert AdditionTask().check(answer, {"answer": "125"}) is ok
+
+
+def test_hinted_addition_prompt_reasoning_and_answer():
+    from frugalm.reason.tasks.addition import hinted, hinted_steps, parse_hinted
+
+    assert hinted(357, 2) == "e3d5c7" and hinted(29, 2, upper=True) == "D2C9"
+    # units first, each step restates its hint, both digits, the carry in and a two-digit sum
+    assert hinted_steps(357, 29, 2) == "c7+C9+0=16d5+D2+1=08e3+E0+0=03"
+    assert hinted_steps(999, 1, 0) == "a9+A1+0=10b9+B0+1=10c9+C0+1=10d0+D0+1=01"  # carry-out step
+    assert parse_hinted("e3d8c6") == (386, 2) and parse_hinted("e3c8") is None and parse_hinted("c6d8") is None
+    task = AdditionTask(min_size=1, max_size=3, heldout_size=4, notation="hinted")
+    for split in ("train", "heldout"):
+        for ex in task.examples(split, 50, 1):
+            a, b, off = ex.columns["a"], ex.columns["b"], ex.columns["offset"]
+            assert ex.prompt == f"{hinted(a, off)}+{hinted(b, off, upper=True)}=?"
+            assert ex.answer == hinted(a + b, off) and ex.reasoning == hinted_steps(a, b, off)
+    # every letter is used in training, so held-out problems bring longer numbers, not new symbols
+    def letters(exs):
+        return {c for ex in exs for c in ex.prompt + ex.reasoning + ex.answer if c.isalpha()}
+
+    assert letters(task.examples("heldout", 200, 0)) <= letters(task.examples("train", 400, 0))
+    # the train/test split is by the numbers: the same sum with other hints is not a test problem
+    train_sums = {(e.columns["a"], e.columns["b"]) for e in task.examples("train", 400, 0)}
+    assert not train_sums & {(e.columns["a"], e.columns["b"]) for e in task.examples("test", 100, 0)}
+    with pytest.raises(TaskError, match="unknown notation"):
+        AdditionTask(notation="roman")
+    with pytest.raises(TaskError, match="notation applies to addition only"):
+        load_task(TaskConfig(name="sort", notation="plain"))
+    assert load_task(TaskConfig(notation="hinted")).notation == "hinted" and load_task(TaskConfig()).notation == "plain"
+    # a row with the reference answer only (a JSONL of traces) still fixes the hints
+    assert task.check("e3d8c6", {"answer": "e3d8c6"}) and not task.check("d3c8b6", {"answer": "e3d8c6"})
+
+
+@pytest.mark.parametrize("answer,ok", [
+    ("e3d8c6", True), (" e3d8c6 ", True), ("386", True), ("0386", True), ("f0e3d8c6", True),
+    ("e3d8c7", False),      # wrong digit
+    ("d3c8b6", False),      # the hints of another problem (units must be c)
+    ("e3c8d6", False), ("e3d8", False), ("E3D8C6", False), ("e3 d8 c6", False), ("e3d8c", False),
+    ("e38c6", False), ("c6d8e3", False), ("387", False), ("", False), (None, False), ("<answer>e3d8c6", False),
+])
+def test_hinted_addition_checker_rejects_malformed(answer, ok):
+    task = AdditionTask(notation="hinted")
+    row = task.examples("train", 1, 0)[0].row() | {"a": 357, "b": 29, "offset": 2, "answer": "e3d8c6"}
+    assert task.check(answer, row) is ok
 
 
 @pytest.mark.parametrize("answer,ok", [

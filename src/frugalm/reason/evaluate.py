@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from frugalm.reason.policy import Policy
 from frugalm.reason.response_format import build_prompt_ids, extract_answer, format_ok
-from frugalm.reason.rollout import SamplingSettings, generate
+from frugalm.reason.rollout import SamplingSettings, generate_jobs
 from frugalm.reason.scoring import majority_answer, pass_at_k
 from frugalm.reason.tasks.base import Task
 
@@ -61,8 +61,13 @@ def evaluate_task(policy: Policy, task: Task, *, split: str = "heldout", n: int 
         raise ValueError(f"task {task.name!r} has no {split} problems")
     prompts = [build_prompt_ids(policy.tokenizer, ex.prompt, instruction) for ex in examples]
     rows = [ex.row() for ex in examples]
-    greedy = [g[0] for g in generate(policy, prompts, SamplingSettings(n=1, temperature=0.0, max_tokens=max_tokens),
-                                     max_num_seqs=max_num_seqs)]
+    jobs = [(prompts, SamplingSettings(n=1, temperature=0.0, max_tokens=max_tokens))]
+    sampled = k > 1 and temperature > 0
+    if sampled:  # decoded in the same engine run as the greedy completions
+        jobs.append((prompts, SamplingSettings(n=k, temperature=temperature, top_p=top_p, top_k=top_k,
+                                               max_tokens=max_tokens, seed=seed)))
+    outputs = generate_jobs(policy, jobs, max_num_seqs=max_num_seqs)
+    greedy = [g[0] for g in outputs[0]]
     correct = [task.check(extract_answer(s.text), row) for s, row in zip(greedy, rows)]
     result = EvalResult(
         task=task.name, split=split, n=len(examples), k=k,
@@ -73,10 +78,8 @@ def evaluate_task(policy: Policy, task: Task, *, split: str = "heldout", n: int 
         samples=[{"prompt": ex.prompt, "answer": ex.answer, "completion": s.text, "correct": ok}
                  for ex, s, ok in list(zip(examples, greedy, correct))[:keep_samples]],
     )
-    if k > 1 and temperature > 0:
-        groups = generate(policy, prompts, SamplingSettings(n=k, temperature=temperature, top_p=top_p, top_k=top_k,
-                                                            max_tokens=max_tokens, seed=seed),
-                          max_num_seqs=max_num_seqs)
+    if sampled:
+        groups = outputs[1]
         p1, pk, maj, fmt, length = [], [], [], [], []
         for group, row in zip(groups, rows):
             answers = [extract_answer(s.text) for s in group]

@@ -89,11 +89,17 @@ class R1Pipeline:
         if extra and extra != self.cfg.eval.split:
             splits.append((f"stages_{extra}", extra))
         result: dict[str, Any] = {}
+        r1 = self.cfg.r1
+        n = r1.eval_n or self.cfg.eval.n
+        if name == "pretrained" and r1.pretrained_eval_n:
+            n = min(n, r1.pretrained_eval_n)
         for key, split in splits:
-            r = eval_stage(model, task, self.cfg, split=split, n=self.cfg.r1.eval_n)
+            k = None if key == "stages" else r1.also_eval_k
+            r = eval_stage(model, task, self.cfg, split=split, n=n, k=k)
             d = r.to_dict()
-            self.say(f"[{name}] {split}: pass@1 {d['pass_at_1']:.3f} (sampled {d['pass_at_1_sampled']:.3f}), "
-                     f"pass@{r.k} {d['pass_at_k']:.3f}, maj@{r.k} {d['maj_at_k']:.3f}, format {d['format_rate']:.2f}, "
+            sampled = (f" (sampled {d['pass_at_1_sampled']:.3f}), pass@{r.k} {d['pass_at_k']:.3f}, "
+                       f"maj@{r.k} {d['maj_at_k']:.3f}" if d.get("pass_at_k") is not None else "")
+            self.say(f"[{name}] {split} (n={r.n}): pass@1 {d['pass_at_1']:.3f}{sampled}, format {d['format_rate']:.2f}, "
                      f"length {d['mean_length']:.1f}")
             self.report.setdefault(key, {})[name] = d
             result = result or d
@@ -224,7 +230,10 @@ class R1Pipeline:
             a, b = s["sft"], s["grpo"]
             d1, m1 = _difference(a, b, "pass_at_1")
             dk, mk = _difference(a, b, "pass_at_k")
-            if d1 > m1 and dk > mk:
+            if a.get("pass_at_k") is None or b.get("pass_at_k") is None:
+                text = (f"GRPO changed greedy pass@1 by {d1:+.3f} (noise ±{m1:.3f}, 2 standard errors); "
+                        "no samples were drawn on this split, so pass@k is not measured")
+            elif d1 > m1 and dk > mk:
                 text = "GRPO raised both pass@1 and pass@k beyond noise: it added ability, not only sharpening"
             elif d1 > m1:
                 text = "GRPO raised pass@1 but not pass@k beyond noise: it sharpened what SFT put in place"

@@ -37,15 +37,26 @@ class SamplingSettings:
 def generate(policy: Policy, prompts: Sequence[Sequence[int]], settings: SamplingSettings, *,
              max_num_seqs: int = 64) -> list[list[Sample]]:
     """`settings.n` completions for each prompt (token ids), as ``[prompt][choice]``."""
-    prompts = [list(p) for p in prompts]
-    if not prompts:
-        return []
+    return generate_jobs(policy, [(prompts, settings)], max_num_seqs=max_num_seqs)[0]
+
+
+def generate_jobs(policy: Policy, jobs: Sequence[tuple[Sequence[Sequence[int]], SamplingSettings]], *,
+                  max_num_seqs: int = 64) -> list[list[list[Sample]]]:
+    """Several (prompts, settings) jobs at once, e.g. greedy and sampled completions of the same prompts.
+
+    frugalm models decode all of them in one engine run (one continuous batch, prompts' caches shared),
+    which keeps the batch full where separate runs would each end on a ragged tail. Results are the
+    same as separate `generate` calls: every completion has its own seed.
+    """
+    jobs = [([list(p) for p in prompts], settings) for prompts, settings in jobs]
+    if not any(prompts for prompts, _ in jobs):
+        return [[] for _ in jobs]
     was_training = policy.model.training
     try:
         if policy.kind == "frugalm":
-            out = _generate_engine(policy, prompts, settings, max_num_seqs)
+            out = _generate_engine(policy, jobs, max_num_seqs)
         else:
-            out = _generate_hf(policy, prompts, settings, max_num_seqs)
+            out = [_generate_hf(policy, prompts, s, max_num_seqs) if prompts else [] for prompts, s in jobs]
     finally:
         policy.model.train(was_training)
     return out
@@ -58,38 +69,46 @@ def _finish(policy: Policy, ids: list[int], max_tokens: int) -> Sample:
                   truncated=not stopped and len(ids) >= max_tokens)
 
 
-def _generate_engine(policy: Policy, prompts: list[list[int]], s: SamplingSettings, max_num_seqs: int) -> list[list[Sample]]:
+def _generate_engine(policy: Policy, jobs: list[tuple[list[list[int]], SamplingSettings]],
+                     max_num_seqs: int) -> list[list[list[Sample]]]:
     from frugalm.serve.config import EngineConfig
     from frugalm.serve.engine import LLMEngine
     from frugalm.serve.sampling_params import SamplingParams
 
     cfg = policy.model.config
-    longest = max(len(p) for p in prompts)
-    max_len = min(cfg.max_position_embeddings, longest + s.max_tokens)
+    longest = max(len(p) for prompts, _ in jobs for p in prompts)
+    max_len = min(cfg.max_position_embeddings, longest + max(s.max_tokens for _, s in jobs))
     if longest >= max_len:
         raise ValueError(f"a prompt of {longest} tokens leaves no room to generate within the model's context "
                          f"({cfg.max_position_embeddings} tokens)")
     block = 16
-    seqs = min(max_num_seqs, len(prompts) * s.n)
-    num_blocks = seqs * -(-max_len // block) + len(prompts) + 1
+    total = sum(len(prompts) * s.n for prompts, s in jobs)
+    seqs = min(max_num_seqs, total)
+    num_blocks = seqs * -(-max_len // block) + sum(len(prompts) for prompts, _ in jobs) + 1
     engine = LLMEngine(policy.model, EngineConfig(
         block_size=block, num_blocks=num_blocks, max_num_seqs=seqs, max_model_len=max_len,
-        max_num_batched_tokens=max(2048, max_len), enable_prefix_caching=True, seed=s.seed,
+        max_num_batched_tokens=max(2048, max_len), enable_prefix_caching=True, seed=jobs[0][1].seed,
     ), tokenizer=None)
     eos = policy.tokenizer.eos_id
     requests = []
-    for i, ids in enumerate(prompts):
-        for c in range(s.n):
-            params = SamplingParams(
-                temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                max_tokens=min(s.max_tokens, max_len - len(ids)), stop_token_ids=[eos],
-                seed=None if s.temperature == 0 else (s.seed * 1_000_003 + i * s.n + c) % (2**62),
-            )
-            requests.append(engine.add_request(f"{i}-{c}", ids, params))
+    for j, (prompts, s) in enumerate(jobs):
+        job_requests = []
+        for i, ids in enumerate(prompts):
+            for c in range(s.n):
+                params = SamplingParams(
+                    temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                    max_tokens=min(s.max_tokens, max_len - len(ids)), stop_token_ids=[eos],
+                    seed=None if s.temperature == 0 else (s.seed * 1_000_003 + i * s.n + c) % (2**62),
+                )
+                job_requests.append(engine.add_request(f"{j}-{i}-{c}", ids, params))
+        requests.append(job_requests)
     while engine.has_unfinished():
         engine.step()
-    flat = [_finish(policy, list(r.output_token_ids), s.max_tokens) for r in requests]
-    return [flat[i * s.n:(i + 1) * s.n] for i in range(len(prompts))]
+    out = []
+    for (prompts, s), job_requests in zip(jobs, requests):
+        flat = [_finish(policy, list(r.output_token_ids), s.max_tokens) for r in job_requests]
+        out.append([flat[i * s.n:(i + 1) * s.n] for i in range(len(prompts))])
+    return out
 
 
 @torch.no_grad()

@@ -1,12 +1,26 @@
 """Multi-digit addition with carries; the size knob is the number of digits of the longer operand.
 
 Training problems have a longer operand of min_size..max_size digits; held-out problems have
-`heldout_size` digits, more than training ever shows. (Small rotary-position models do not extrapolate
-to unseen digit positions, see BENCHMARKS.md: addition is the hard, honest test of that.)
+`heldout_size` digits, more than training ever shows.
 
-The reference reasoning adds column by column from the right, writing the carry into each step
-("7+3+1=11"), which is the procedure a small model can execute token by token; the answer is then
-the sum read back. Digits are single tokens in frugalm's tokenizer, so every step is a few tokens.
+Two notations (``notation``):
+
+* ``"plain"`` (default) -- ``357+29=?``, reasoning ``7+9=16, 5+2+1=8, 3+0=3``, answer ``386``. A small model
+  learns it within the training lengths but scores 0% one digit longer (BENCHMARKS.md).
+* ``"hinted"`` -- every digit carries an *index hint*, a letter naming its place value:
+  ``e3d5c7+D2C9=?`` is 357 + 29 (first operand lower-case, second upper-case, the same letter for
+  the same place value). The letters start at a random offset in ``a..z`` per problem, so every letter
+  is seen at every place value during training. The reference reasoning adds column by column from
+  the least significant digit, each step restating its hint, both digits and the carry in, and the
+  two-digit column sum: ``c7+C9+0=16d5+D2+1=08e3+E0+0=03`` (a final ``+0+1=01`` step when a carry is
+  left). The answer is the sum with its hints, most significant digit first: ``e3d8c6`` (= 386).
+  Every step is meant to be position-free: the next hint is the successor of the last one, a digit is
+  found by matching its hint, the carry is a fixed distance back (the index-hint recipe for length
+  generalisation). Measured so far (BENCHMARKS.md): after 600 SFT steps the tiny model solves 24.5% of
+  unseen 3-digit problems and still 0% of 4-digit ones, so it is not the default.
+
+Digits and letters are single tokens in frugalm's tokenizer (and no spaces are used, which would merge
+with letters), so each hinted step is ten tokens.
 """
 
 from __future__ import annotations
@@ -15,9 +29,12 @@ import random
 import re
 from typing import Any, Mapping, Optional
 
-from frugalm.reason.tasks.base import Example, GeneratedTask
+from frugalm.reason.tasks.base import Example, GeneratedTask, TaskError
 
 _INT = re.compile(r"[+]?\d+")
+_HINTED = re.compile(r"(?:[a-z]\d)+")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+NOTATIONS = ("hinted", "plain")
 
 
 def column_steps(a: int, b: int) -> str:
@@ -33,11 +50,50 @@ def column_steps(a: int, b: int) -> str:
     return ", ".join(steps)
 
 
+def hinted(n: int, offset: int, upper: bool = False) -> str:
+    """`n` with a place-value letter before each digit, the units digit lettered ``LETTERS[offset]``."""
+    digits = str(n)[::-1]
+    if offset < 0 or offset + len(digits) > len(LETTERS):
+        raise TaskError(f"hint offset {offset} leaves no letter for {len(digits)} digits")
+    letters = LETTERS.upper() if upper else LETTERS
+    return "".join(letters[offset + i] + d for i, d in reversed(list(enumerate(digits))))
+
+
+def hinted_steps(a: int, b: int, offset: int) -> str:
+    """Units-first column sums, each ``<hint><x>+<HINT><y>+<carry>=<two-digit sum>``, plus a carry-out step."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry, i = [], 0, 0
+    while i < max(len(da), len(db)) or carry:
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        steps.append(f"{LETTERS[offset + i]}{x}+{LETTERS[offset + i].upper()}{y}+{carry}={s:02d}")
+        carry = s // 10
+        i += 1
+    return "".join(steps)
+
+
+def parse_hinted(text: str) -> Optional[tuple[int, int]]:
+    """``"e3d8c6"`` -> (386, offset of the units letter); None unless the letters count down by one."""
+    if not _HINTED.fullmatch(text):
+        return None
+    letters = [LETTERS.index(c) for c in text[0::2]]
+    if any(p - q != 1 for p, q in zip(letters, letters[1:])):
+        return None
+    return int(text[1::2]), letters[-1]
+
+
 class AdditionTask(GeneratedTask):
     name = "addition"
 
-    def __init__(self, min_size: int = 1, max_size: int = 3, heldout_size: int = 4):
+    def __init__(self, min_size: int = 1, max_size: int = 3, heldout_size: int = 4, notation: str = "plain"):
         super().__init__(min_size, max_size, heldout_size)
+        if notation not in NOTATIONS:
+            raise TaskError(f"addition: unknown notation {notation!r}; choose one of {list(NOTATIONS)}")
+        if notation == "hinted" and heldout_size + 1 > len(LETTERS):
+            raise TaskError(f"addition: hinted notation has {len(LETTERS)} letters, enough for at most "
+                            f"{len(LETTERS) - 1} digits (heldout_size {heldout_size})")
+        self.notation = notation
 
     def sample(self, rng: random.Random, size: int) -> Example:
         def number(digits: int) -> int:
@@ -47,13 +103,42 @@ class AdditionTask(GeneratedTask):
         b = number(rng.randint(1, size))
         if rng.random() < 0.5:
             a, b = b, a
-        return Example(prompt=f"{a}+{b}=?", answer=str(a + b), columns={"a": a, "b": b},
-                       reasoning=column_steps(a, b))
+        if self.notation == "plain":
+            return Example(prompt=f"{a}+{b}=?", answer=str(a + b), columns={"a": a, "b": b},
+                           reasoning=column_steps(a, b))
+        # room for every digit of the sum (size + 1 places)
+        offset = rng.randint(0, len(LETTERS) - (size + 1))
+        return Example(prompt=f"{hinted(a, offset)}+{hinted(b, offset, upper=True)}=?",
+                       answer=hinted(a + b, offset), columns={"a": a, "b": b, "offset": offset},
+                       reasoning=hinted_steps(a, b, offset))
+
+    def key(self, example: Example) -> str:
+        # the numbers, not the letters: a test problem is a sum never trained on, whatever its hints
+        return f"{example.columns['a']}+{example.columns['b']}"
 
     def check(self, answer: Optional[str], row: Mapping[str, Any]) -> bool:
+        """The sum, as a plain integer or (hinted notation) with the problem's hints, units letter last."""
         if answer is None:
             return False
         s = answer.strip()
+        if _HINTED.fullmatch(s):
+            offset = row.get("offset")
+            if offset is None:  # a row with the reference answer only (e.g. a JSONL of traces)
+                reference = parse_hinted(str(row.get("answer", "")).strip())
+                offset = None if reference is None else reference[1]
+            parsed = parse_hinted(s)
+            return offset is not None and parsed is not None and parsed[1] == int(offset) and parsed[0] == _value(row)
         if not _INT.fullmatch(s):
             return False
-        return int(s) == int(row["answer"])
+        return int(s) == _value(row)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "notation": self.notation}
+
+
+def _value(row: Mapping[str, Any]) -> int:
+    if "a" in row and "b" in row:
+        return int(row["a"]) + int(row["b"])
+    answer = str(row["answer"])
+    parsed = parse_hinted(answer)
+    return parsed[0] if parsed else int(answer)
