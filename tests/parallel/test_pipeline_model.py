@@ -85,3 +85,60 @@ def test_stages_in_order_reproduce_the_trainer_loss_and_gradients():
     assert sorted(counts) == sorted(loads.counts)
     for k in counts:
         assert torch.equal(counts[k], loads.counts[k])
+
+
+@pytest.mark.parametrize("name", ["1f1b", "dualpipev"])
+def test_each_rank_keeps_only_the_weights_of_its_stages(name):
+    """`release_unheld` moves every parameter of the other ranks' stages to meta: names, shapes and the
+    state dict's keys stay, the rank's own stages still run, and the bytes held drop below the whole model."""
+    from frugalm.train.trainer import parameter_bytes
+
+    whole = parameter_bytes(_model())
+    sched = build_schedule(name, 2, 4)
+    held_bytes = []
+    for rank in range(2):
+        model = _model()
+        keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        stages = split_model(model, sched, mtp_weight=0.3, autocast=contextlib.nullcontext)
+        rep = PipelineReplicas(model, stages, sched, rank, None)
+        freed = rep.release_unheld()
+        held = set(rep.held)
+        for n, p in model.named_parameters():
+            assert (p.device.type == "meta") == (p not in held), n
+        assert parameter_bytes(model) + freed == whole
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys
+        assert set(rep.owned_names()) <= rep.held_names()
+        held_bytes.append(parameter_bytes(model))
+        for s in sched.stages_on(rank):  # the rank's own stages still compute
+            x = torch.randint(0, 97, (2, 8)) if s == 0 else torch.randn(2, 8, model.config.hidden_size)
+            assert torch.isfinite(stages[s](x)).all()
+    assert max(held_bytes) < whole <= sum(held_bytes)
+
+
+def test_gradient_sync_restricted_to_held_parameters_reduces_only_those(monkeypatch):
+    """Under pp the dp gradient sync all-reduces only the parameters the rank holds (no zeros for the rest)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from frugalm.parallel.data_parallel import GradientSync
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 5))
+        sync = GradientSync([(dist.group.WORLD, list(net.named_parameters()))], bucket_bytes=1)
+        keep = set(net[1].parameters())
+        sync.restrict(keep)
+        assert {p for b in sync.buckets for p in b.params} == keep
+        reduced = []
+        real = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (reduced.append(t.numel()), real(t, *a, **k))[1])
+        sync.enabled = False
+        net(torch.randn(2, 3)).sum().backward()
+        before = {p: p.grad.clone() for p in net.parameters()}
+        sync.sync_now()
+        # one flag per parameter rides along with each bucket
+        assert sum(reduced) == sum(p.numel() + 1 for p in keep)
+        for p in net.parameters():  # world of one: averaging leaves every gradient as it was
+            torch.testing.assert_close(p.grad, before[p])
+    finally:
+        dist.destroy_process_group()

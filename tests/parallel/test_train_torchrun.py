@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,8 +81,8 @@ def setup(tmp_path_factory):
         "data": {"path": str(corpus), "vocab_size": VOCAB, "val_fraction": 0.1, "cache_dir": str(root / "cache")},
         "train": TRAIN,
     }))
-    ref = root / "single"
-    proc = _single("--config", str(config), "--out", str(ref))
+    ref = root / "single"  # its step-2 checkpoint is resumed under pp2 below
+    proc = _single("--config", str(config), "--out", str(ref), "--set", "train.checkpoint_every=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = _losses(ref)
     assert sorted(losses) == [1, 2, 3]
@@ -156,7 +158,8 @@ def test_pp2_matches_single_process_and_resumes_single_process(setup, schedule, 
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("done: 2 steps") == 1
     _check_against_reference(root, out, [1, 2])
-    assert math.isfinite(_records(out)[2]["val_loss"])  # evaluation after the weight broadcast
+    _check_held_parameters(proc.stderr)
+    assert math.isfinite(_records(out)[2]["val_loss"])  # forward-only evaluation through the pipeline
     assert (out / "final" / "config.json").is_file()  # HF export of the full model, written once
     # the pp2 checkpoint is the single-process one: continue it on one process to step 3
     proc = _single("--out", str(out), "--resume", "--set", "parallel.pp=1", "--set", "train.max_steps=3")
@@ -164,6 +167,56 @@ def test_pp2_matches_single_process_and_resumes_single_process(setup, schedule, 
     assert "continuing from" in proc.stderr and "step 2" in proc.stderr
     resumed = _losses(out)
     assert math.isclose(resumed[3], ref[3], rel_tol=RTOL), (resumed[3], ref[3])
+
+
+def _check_held_parameters(log: str) -> None:
+    """Each pipeline rank holds less than the whole model (the other stages' weights were released)."""
+    match = re.search(r"parameter MB held per pp rank \[([^\]]+)\] \(whole model ([0-9.]+) MB\)", log)
+    assert match, log[-3000:]
+    held, whole = [float(x) for x in match.group(1).split(",")], float(match.group(2))
+    assert max(held) < whole <= sum(held) + 1e-3, (held, whole)
+
+
+def _val_loss_of_export(root: Path, config: Path, model_dir: Path) -> float:
+    """What single-process `Trainer.evaluate` computes with ``eval_batches=1``, from an HF export."""
+    import torch
+    import torch.nn.functional as F
+
+    from frugalm.data.prepare import prepare_data
+    from frugalm.model.checkpoint import from_pretrained
+    from frugalm.train.config import load_run_config
+
+    cfg = load_run_config(str(config), [])
+    data = prepare_data(cfg.data, None, progress=False)
+    model = from_pretrained(model_dir, device="cpu").eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in data.val_batches(cfg.train.eval_batch_size or cfg.train.batch_size, cfg.train.seq_len,
+                                      max_batches=1):
+            logits = model(batch[:, :-1])
+            total += float(F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+            count += batch[:, 1:].numel()
+    return total / count
+
+
+def test_single_process_checkpoint_resumes_under_pp2(setup):
+    """single -> pp2: the pp2 run takes its stages' shards of a single-process checkpoint, continues like the
+    reference, evaluates through the pipeline what a single process computes on the exported weights."""
+    root, config, ref = setup
+    out = root / "single-to-pp2"
+    shutil.copytree(root / "single", out)  # the reference run, cut back to its step-2 checkpoint
+    shutil.rmtree(out / "checkpoints" / "step-000003")
+    shutil.rmtree(out / "final")  # written again by the pp2 run
+    proc = _torchrun(2, "--out", str(out), "--resume", "--set", "parallel.pp=2", "--set", "pipeline.schedule=1f1b",
+                     "--set", "pipeline.micro_batches=2", "--set", "train.max_steps=3", "--set", "train.eval_every=3",
+                     "--set", "train.eval_batches=1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "continuing from" in proc.stderr and "step 2" in proc.stderr
+    _check_held_parameters(proc.stderr)
+    got = _records(out)
+    assert math.isclose(got[3]["loss"], ref[3], rel_tol=RTOL), (got[3]["loss"], ref[3])
+    val = _val_loss_of_export(root, config, out / "final")  # the export is gathered from both stages
+    assert math.isclose(got[3]["val_loss"], val, rel_tol=RTOL), (got[3]["val_loss"], val)
 
 
 def test_dp2_ep2_on_four_processes_matches_single_process(setup):

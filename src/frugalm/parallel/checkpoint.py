@@ -168,7 +168,8 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], me
     """Load a full (single-process) state dict into a parallelized ``model``, each rank taking its shard.
 
     Every rank must hold ``state`` (e.g. each reads the same safetensors file). ``strict`` also refuses
-    keys the model does not have.
+    keys the model does not have. Tensors of ``model`` on the meta device (parameters a pipeline rank
+    released) are left alone.
     """
     from torch.distributed.tensor import DTensor
 
@@ -177,6 +178,8 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], me
         extra = sorted(set(state) - set(targets))
         if extra:
             raise ValueError(f"full state has {len(extra)} key(s) the model does not: {', '.join(extra[:5])}")
+    # tensors on the meta device are not held by this rank (a pipeline rank's other stages): skipped
+    targets = {k: t for k, t in targets.items() if t.device.type != "meta"}
     shards = local_tensors(state, model, mesh, targets)
     for key, target in targets.items():
         src = shards[key]

@@ -136,7 +136,7 @@ class GradientSync:
 
     # ------------------------------------------------------------------ hook path (overlapped)
     def _on_grad_ready(self, p: torch.Tensor) -> None:
-        if not self.enabled:
+        if not self.enabled or p not in self._bucket_of:
             return
         if not self._armed:
             self._armed = True
@@ -196,6 +196,22 @@ class GradientSync:
             self._armed = False
             for b in self.buckets:
                 b.ready = 0
+
+    def restrict(self, keep: set[nn.Parameter]) -> None:
+        """Reduce only ``keep`` from now on (e.g. a pipeline rank's own stages): other parameters leave
+        their buckets, empty buckets go. Bucket order is kept, so it stays the same on every rank that
+        keeps the same parameters (all ranks of one dp x ep group under pipeline parallelism)."""
+        if self._armed:
+            raise RuntimeError("restrict() called during a backward pass")
+        buckets = []
+        for b in self.buckets:
+            pairs = [(n, p) for n, p in zip(b.names, b.params) if p in keep]
+            if pairs:
+                b.names, b.params = [n for n, _ in pairs], [p for _, p in pairs]
+                b.ready = 0
+                buckets.append(b)
+        self.buckets = buckets
+        self._bucket_of = {p: b for b in buckets for p in b.params}
 
     # ------------------------------------------------------------------ explicit path
     def sync_now(self) -> None:
@@ -314,6 +330,13 @@ def no_gradient_sync(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         set_gradient_sync(model, True)
+
+
+def restrict_gradient_sync(model: nn.Module, keep: set[nn.Parameter]) -> None:
+    """DDP mode: reduce only the parameters in ``keep`` (see `GradientSync.restrict`); no-op otherwise."""
+    sync = gradient_sync(model)
+    if sync is not None:
+        sync.restrict(keep)
 
 
 def sync_gradients(model: nn.Module) -> None:

@@ -7,8 +7,10 @@ the trainer, FP8 (`apply_fp8`, before or after) and checkpoint code keep working
 have local shapes, and `frugalm.parallel.checkpoint` gathers them back.
 
 Pipeline parallelism (``pp > 1``): `parallelize` is applied to the whole model on every rank, then
-`frugalm.parallel.pipeline_model.split_model` cuts it into stages that share its modules; the trainer
-turns the DDP hooks off and reduces gradients over dp x ep once per step, after the pipeline.
+`frugalm.parallel.pipeline_model.split_model` cuts it into stages that share its modules, each rank
+releases the parameters of the stages it does not run (`PipelineReplicas.release_unheld`), and the
+trainer turns the DDP hooks off and reduces its held gradients over dp x ep once per step, after the
+pipeline (`restrict_gradient_sync`).
 """
 
 from __future__ import annotations

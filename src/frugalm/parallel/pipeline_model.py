@@ -20,15 +20,21 @@ state; backward: also feeds the scaled balance loss its gradient), so the gradie
 that of the whole per-micro-batch loss. Expert token counts of every MoE block are summed per stage
 over the micro-batches, for the global aux-loss-free bias update.
 
-Every rank builds the whole model (same seed, so equal weights) and all stage objects, but computes
-and optimizes only its own stages: memory for weights is not saved, optimizer state and activations
-are. `PipelineReplicas.sync_weights` broadcasts each parameter from the first rank holding it before
-evaluation, checkpoints and export, so the full model every rank holds is then current.
+Every rank builds the whole model (same seed, so equal weights) and all stage objects, then
+`PipelineReplicas.release_unheld` swaps every parameter of the stages it does not run for a
+meta-device tensor of the same shape (`torch.utils.swap_tensors`: the parameter objects and names stay,
+their storage is freed), so after setup a rank holds only its stages' weights, gradients and optimizer
+state. Nothing is broadcast: evaluation runs forward-only through the pipeline (`pipeline_eval_loss`,
+the loss on the last stage's rank, summed over the pipeline), and checkpoints/exports gather each
+parameter from the first rank holding it onto the pipeline's first rank (`PipelineReplicas.gather_to_first`,
+one rank after the other). Router-bias buffers stay on every rank (tiny; every rank applies the same
+global update to all of them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Optional
 
 import torch
@@ -151,6 +157,13 @@ class DecoderStage(nn.Module):
             h = _AttachLoss.apply(h, balance, self.grad_scale)
         return h
 
+    def eval_loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed main next-token cross-entropy (float64) from the final hidden state (last stage only);
+        what `Trainer.evaluate` adds up for one batch."""
+        with self._autocast():
+            logits = self.lm_head(h)
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum").double()
+
     def loss(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The micro-batch loss of `Trainer.compute_loss`, from the final hidden state (last stage only)."""
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -195,12 +208,14 @@ class PipelineReplicas:
     * `reduce_shared_grads`: a parameter used by stages on different ranks that the executor does not
       already sum (1F1B's embedding on the first and last rank) gets the sum of its gradients.
     * `copies`: on how many pipeline ranks each held parameter's (equal) gradient sits, for the norm.
-    * `sync_weights`: every rank's full model gets each parameter from the first rank holding it.
+    * `release_unheld`: parameters of stages this rank does not run move to the meta device.
+    * `owned_names`/`gather_to_first`: each parameter comes from the first rank holding it, onto pipeline rank 0.
     """
 
     def __init__(self, model: nn.Module, stages: list[DecoderStage], schedule: PipelineSchedule,
                  pp_rank: int, group: Optional[dist.ProcessGroup]) -> None:
         self.group, self.pp_rank = group, pp_rank
+        self.device = next(model.parameters()).device
         names = {}
         for n, p in model.named_parameters():
             names.setdefault(p, n)
@@ -232,9 +247,10 @@ class PipelineReplicas:
     def reduce_shared_grads(self) -> None:
         if self.group is None or not self.shared:
             return
-        ref = self.shared[0]
+        # a rank not holding p (its storage released to meta) contributes zeros of p's shape
         flat = torch.cat([(p.grad if (p.grad is not None and self.pp_rank in self.holders[p]) else
-                           torch.zeros_like(p)).reshape(-1).float() for p in self.shared]).to(ref.device)
+                           torch.zeros(p.shape, dtype=p.dtype, device=self.device)).reshape(-1).float()
+                          for p in self.shared]).to(self.device)
         try:
             dist.all_reduce(flat, group=self.group)
         except RuntimeError as e:
@@ -246,36 +262,119 @@ class PipelineReplicas:
             if self.pp_rank in self.holders[p]:
                 p.grad = view.clone()
 
-    @torch.no_grad()
-    def sync_weights(self) -> None:
-        if self.group is None:
-            return
-        by_owner: dict[tuple[int, torch.dtype], list[nn.Parameter]] = {}
-        for p in sorted(self.holders, key=lambda p: self.names[p]):
-            by_owner.setdefault((self.holders[p][0], p.dtype), []).append(p)
-        for (owner, _), params in sorted(by_owner.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            try:
-                dist.broadcast(flat, group=self.group, group_src=owner)
-            except RuntimeError as e:
-                raise collective_error("pipeline weight broadcast", self.group, e) from e
-            if owner != self.pp_rank:
-                start = 0
-                for p in params:
-                    p.copy_(flat[start:start + p.numel()].view_as(p))
-                    start += p.numel()
+    def owned_names(self) -> set[str]:
+        """Names of the parameters whose first holder is this rank (each parameter is gathered from there)."""
+        return {n for p, n in self.names.items()
+                if (self.holders[p][0] if p in self.holders else 0) == self.pp_rank}  # stage-less: rank 0
 
-    def gather_optimizer_state(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Optimizer tensors of every rank's parameters (already full over dp/ep), merged, on every rank."""
+    @torch.no_grad()
+    def release_unheld(self) -> int:
+        """Free the storage of every parameter this rank does not hold (moved to meta; returns bytes freed).
+
+        Identity, name, shape and dtype of each parameter are kept, so the model's state dict still lists
+        it (as a meta tensor) and stages, optimizer and gradient sync keep referring to the same objects.
+        """
+        freed = 0
+        held = set(self.held)
+        for p in self.names:
+            if p in held or p not in self.holders or p.device.type == "meta":  # stage-less ones stay
+                continue
+            freed += p.numel() * p.element_size()
+            torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device="meta"),
+                                                     requires_grad=p.requires_grad))
+        return freed
+
+    def gather_to_first(self, local: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
+        """Every pipeline rank's ``local`` tensors, merged on pipeline rank 0 (None on the others).
+
+        Ranks send one after the other (rank 1, then 2, ...), one flat message per dtype, so rank 0 holds
+        the merged result plus one rank's part in flight. Keys must be disjoint across ranks.
+        """
         if self.group is None:
             return dict(local)
-        parts: list[Optional[dict]] = [None] * dist.get_world_size(self.group)
+        world = dist.get_world_size(self.group)
+        meta = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sorted(local.items())]
+        metas: Optional[list] = [None] * world if self.pp_rank == 0 else None
         try:
-            dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()}, group=self.group)
+            dist.gather_object(meta, metas, group=self.group, group_dst=0)
+            out: dict[str, torch.Tensor] = dict(local) if self.pp_rank == 0 else {}
+            for src in range(1, world):
+                if self.pp_rank not in (0, src):
+                    continue
+                entries = metas[src] if self.pp_rank == 0 else meta
+                by_dtype: dict[str, list] = {}
+                for k, shape, dtype in entries:
+                    by_dtype.setdefault(dtype, []).append((k, shape))
+                for dtype in sorted(by_dtype):
+                    items = by_dtype[dtype]
+                    if self.pp_rank == src:
+                        flat = torch.cat([local[k].detach().reshape(-1) for k, _ in items])
+                        dist.send(flat.contiguous(), group=self.group, group_dst=0)
+                        continue
+                    n = sum(math.prod(shape) for _, shape in items)
+                    flat = torch.empty(n, dtype=getattr(torch, dtype), device=self.device)
+                    dist.recv(flat, group=self.group, group_src=src)
+                    start = 0
+                    for k, shape in items:
+                        if k in out:
+                            raise ValueError(f"pipeline gather: {k!r} came from two ranks")
+                        size = math.prod(shape)
+                        out[k] = flat[start:start + size].view(shape).cpu().clone()
+                        start += size
         except RuntimeError as e:
-            raise collective_error("pipeline optimizer-state gather", self.group, e) from e
-        merged: dict[str, torch.Tensor] = {}
-        for part in parts:
-            for k, v in part.items():
-                merged.setdefault(k, v)
-        return merged
+            raise collective_error("pipeline state gather", self.group, e) from e
+        return out if self.pp_rank == 0 else None
+
+
+def _stage_runner(schedule: PipelineSchedule, stage: int) -> int:
+    """The rank that runs ``stage`` in a forward-only pass (its first holder)."""
+    return schedule.holders(stage)[0]
+
+
+@torch.no_grad()
+def pipeline_eval_loss(stages: dict[int, DecoderStage], schedule: PipelineSchedule, pp_rank: int,
+                       group: Optional[dist.ProcessGroup], batch: torch.Tensor, *, hidden_dtype: torch.dtype,
+                       hidden_size: int) -> tuple[torch.Tensor, int]:
+    """Forward-only pass of one ``[b, T+1]`` batch through the pipeline, stage after stage.
+
+    Returns (sum of next-token cross-entropy over the batch, float64; number of label tokens) on the
+    rank that runs the last stage and (0, 0) elsewhere: sum both over the pipeline group. Each stage
+    runs on its first holder; hidden states go by blocking send/recv (every rank walks the stages in
+    the same order, so the messages pair up). MoE expert counts collected here are reset afterwards.
+    """
+    S = schedule.num_stages
+    inputs, labels = batch[:, :-1], batch[:, 1:]
+    shape = (inputs.shape[0], inputs.shape[1], hidden_size)
+    device = batch.device
+    h: Optional[torch.Tensor] = None
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    try:
+        for s in range(S):
+            runner = _stage_runner(schedule, s)
+            if runner != pp_rank:
+                continue
+            if s == 0:
+                x = inputs
+            else:
+                prev = _stage_runner(schedule, s - 1)
+                if prev == pp_rank:
+                    x = h
+                else:
+                    x = torch.empty(shape, dtype=hidden_dtype, device=device)
+                    dist.recv(x, group=group, group_src=prev)
+            stage = stages[s]
+            h = stage(x)
+            if s == S - 1:
+                total = stage.eval_loss_sum(h, labels)
+                count = labels.numel()
+            else:
+                h = h.to(hidden_dtype)
+                nxt = _stage_runner(schedule, s + 1)
+                if nxt != pp_rank:
+                    dist.send(h.contiguous(), group=group, group_dst=nxt)
+    except RuntimeError as e:
+        raise collective_error("pipeline evaluation forward", group, e) from e
+    finally:
+        for stage in stages.values():
+            stage.reset()
+    return total, count

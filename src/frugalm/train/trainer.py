@@ -163,6 +163,11 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return out, aliases
 
 
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the parameter storage this process holds (meta tensors, e.g. other pipeline stages, are 0)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+
+
 def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
     state = dict(tensors)
     for alias, source in aliases.items():
@@ -377,7 +382,9 @@ class Trainer:
 
     def _setup_pipeline(self) -> None:
         """Split the model into `[pipeline]` stages over the mesh's ``pp`` axis (see `frugalm.parallel.pipeline_model`)."""
-        from frugalm.parallel.data_parallel import set_gradient_sync
+        import torch.distributed as dist
+
+        from frugalm.parallel.data_parallel import restrict_gradient_sync, set_gradient_sync
         from frugalm.parallel.pipeline import PipelineRunner
         from frugalm.parallel.pipeline_model import PipelineReplicas, split_model
         from frugalm.parallel.schedules import ScheduleError
@@ -398,18 +405,23 @@ class Trainer:
                                 hidden_dtype=embed.dtype, device=self.device, group=mesh.group("pp"),
                                 timeout_s=pc.timeout_s)
         replicas = PipelineReplicas(self.model, stages, schedule, mesh.pp_rank, mesh.group("pp"))
-        # Gradients are reduced over dp x ep once per optimizer step, after the pipeline (DDP hooks off).
+        # This rank keeps only its stages' weights: the others' storage is freed (parameters move to meta).
+        replicas.release_unheld()
+        # Gradients are reduced over dp x ep once per optimizer step, after the pipeline (DDP hooks off),
+        # and only for the parameters this rank holds.
         set_gradient_sync(self.model, False)
+        restrict_gradient_sync(self.model, set(replicas.held))
         last = next((m for m in mine.values() if m.last), None)
         self.pipe = _Pipeline(schedule, stages, mine, runner, replicas, last)
         self.say(f"pipeline: {schedule.name}, {mesh.pp} ranks, {schedule.num_stages} stages, "
                  f"{pc.micro_batches} micro-batches; decoder layers per stage "
                  f"{[len(s.layer_ids) for s in stages]} (+ MTP/head on the last)")
-
-    def _sync_pipeline_weights(self) -> None:
-        """Under pp every rank's full model gets each stage's current weights (before eval/save/export)."""
-        if self.pipe is not None:
-            self.pipe.replicas.sync_weights()
+        held = torch.tensor([parameter_bytes(self.model)], dtype=torch.int64, device=self.device)
+        per_rank = [torch.zeros_like(held) for _ in range(mesh.pp)]
+        dist.all_gather(per_rank, held, group=mesh.group("pp"))
+        whole = sum(p.numel() * p.element_size() for p in replicas.names)
+        self.say("pipeline: parameter MB held per pp rank "
+                 f"{[round(int(b.item()) / 2**20, 3) for b in per_rank]} (whole model {whole / 2**20:.3f} MB)")
 
     def _resume(self, resume: bool | str | Path) -> None:
         if resume is True:
@@ -601,7 +613,6 @@ class Trainer:
     def evaluate(self, max_batches: Optional[int] = None) -> float:
         """Mean next-token cross-entropy over the first `eval_batches` validation batches."""
         tc = self.cfg.train
-        self._sync_pipeline_weights()  # under pp every rank evaluates its (now current) full model
         batches = self.data.val_batches(tc.eval_batch_size or tc.batch_size, tc.seq_len,
                                         max_batches=max_batches or tc.eval_batches,
                                         rank=self.rank, world_size=self.world_size)
@@ -622,12 +633,23 @@ class Trainer:
                 if i >= n_batches:
                     break
                 batch = batch.to(self.device)
+                if self.pipe is not None:  # forward-only through the stages; the loss on the last one
+                    loss_sum, n = self._pipeline_eval(batch)
+                    total += loss_sum
+                    count += n
+                    continue
                 with self.autocast():
                     logits = self.model(batch[:, :-1])
                 total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").double()
                 count += batch[:, 1:].numel()
         finally:
             self.model.train(was_training)
+        if self._group("pp") is not None:  # only the last stage's rank has the loss: sum over the pipeline
+            import torch.distributed as dist
+
+            both = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=self.device)])
+            dist.all_reduce(both, group=self._group("pp"))
+            total, count = both[0], int(both[1].item())
         if self._group() is not None:
             import torch.distributed as dist
 
@@ -636,16 +658,58 @@ class Trainer:
             total, count = both[0], int(both[1].item())
         return float(total.item() / max(1, count))
 
+    def _pipeline_eval(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        from frugalm.parallel.pipeline_model import pipeline_eval_loss
+
+        pipe = self.pipe
+        return pipeline_eval_loss(pipe.mine, pipe.schedule, self.mesh.pp_rank, self._group("pp"), batch,
+                                  hidden_dtype=pipe.runner.hidden_dtype, hidden_size=self.cfg.model.hidden_size)
+
     # ------------------------------------------------------------------ checkpoints
+    def _pipeline_full_state(self, optimizer_tensors: Optional[dict[str, torch.Tensor]] = None
+                             ) -> tuple[Optional[dict[str, torch.Tensor]], Optional[dict[str, torch.Tensor]]]:
+        """Under pp: the full model state dict (tied aliases included) and, if given, the full optimizer
+        state, gathered onto the writing rank (`is_main`); (None, None) on every other rank.
+
+        Each parameter comes from the first pipeline rank holding it (unsharded over ep there first),
+        buffers from pipeline rank 0; the pipeline ranks of the first dp x ep slice send one after the other.
+        """
+        from frugalm.parallel.checkpoint import full_optimizer_state, full_tensors
+
+        replicas = self.pipe.replicas
+        owned = replicas.owned_names()
+        params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        state = {k: v for k, v in self.model.state_dict().items()
+                 if k in owned or (k not in params and self.mesh.pp_rank == 0)}
+        model_sd = full_tensors(state, self.model, self.mesh, to_cpu=True)  # collectives over ep
+        optim = None
+        if optimizer_tensors is not None:
+            optim = full_optimizer_state({k: v for k, v in optimizer_tensors.items() if k.rsplit(".", 1)[0] in owned},
+                                         self.model, self.mesh)
+        if self.mesh.dp_ep_rank != 0:  # the writer's pipeline group gathers; the others are done
+            return None, None
+        model_sd = replicas.gather_to_first(model_sd)
+        if optim is not None:
+            optim = replicas.gather_to_first(optim)
+        if not self.is_main:
+            return None, None
+        first: dict[int, str] = {}  # tied weights: the alias gets the stored tensor
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) in first and first[id(p)] in model_sd:
+                model_sd[name] = model_sd[first[id(p)]]
+            first.setdefault(id(p), name)
+        return model_sd, optim
+
     def checkpoint_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-        """(tensor files, JSON files) that fully describe the run at the current step."""
+        """(tensor files, JSON files) that fully describe the run at the current step.
+
+        Under a mesh every rank must call it (collectives); under pp only the writing rank (`is_main`)
+        gets the model and optimizer tensors, the others get empty dicts for them."""
         optimizer_tensors = self.optimizer.tensor_state()
         if self.mesh is None:
             model_sd, aliases = model_tensors(self.model)
         else:  # collectives: every rank gathers the single-process (full) tensors
             from frugalm.parallel.checkpoint import full_optimizer_state, full_state_dict
-
-            self._sync_pipeline_weights()
 
             # Tied weights by parameter identity (FSDP's DTensors have no storage to compare).
             first: dict[int, str] = {}
@@ -655,11 +719,13 @@ class Trainer:
                     aliases[name] = first[id(p)]
                 else:
                     first[id(p)] = name
-            full = full_state_dict(self.model, self.mesh, to_cpu=True)
+            if self.pipe is not None:  # gathered stage by stage onto the writing rank only
+                full, optimizer_tensors = self._pipeline_full_state(optimizer_tensors)
+                full, optimizer_tensors = full or {}, optimizer_tensors or {}
+            else:
+                full = full_state_dict(self.model, self.mesh, to_cpu=True)
+                optimizer_tensors = full_optimizer_state(optimizer_tensors, self.model, self.mesh)
             model_sd = {k: v for k, v in full.items() if k not in aliases}
-            optimizer_tensors = full_optimizer_state(optimizer_tensors, self.model, self.mesh)
-            if self.pipe is not None:  # each pipeline rank holds its stages' moments
-                optimizer_tensors = self.pipe.replicas.gather_optimizer_state(optimizer_tensors)
         rng_tensors, rng_json = capture_rng_state(self.device)
         state = {
             "step": self.step,
@@ -763,12 +829,16 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         if self.mesh is None:
             self.model.save_pretrained(tmp)
+        elif self.pipe is not None:  # the stages' weights gathered onto rank 0, which writes the plain model
+            from frugalm.parallel.checkpoint import plain_model
+
+            state, _ = self._pipeline_full_state()
+            if not self.is_main:
+                return final
+            plain_model(self.cfg.model, state).save_pretrained(tmp)
         else:  # every rank gathers the full weights; rank 0 writes the plain model's HF folder
             from frugalm.parallel.checkpoint import export_pretrained
 
-            self._sync_pipeline_weights()
-            if self.mesh.pp_rank != 0:  # after the sync the first stage's ranks hold everything
-                return final
             export_pretrained(self.model, self.mesh, tmp)
             if not self.is_main:
                 return final
@@ -969,7 +1039,7 @@ class _Pipeline:
     """The pipeline-parallel pieces of a `Trainer` (parallel.pp > 1)."""
 
     schedule: Any  # frugalm.parallel.schedules.PipelineSchedule
-    stages: list  # every stage (DecoderStage), sharing this rank's full model
+    stages: list  # every stage (DecoderStage); only those in ``mine`` hold weights on this rank
     mine: dict  # stage index -> DecoderStage run on this rank
     runner: Any  # frugalm.parallel.pipeline.PipelineRunner
     replicas: Any  # frugalm.parallel.pipeline_model.PipelineReplicas
