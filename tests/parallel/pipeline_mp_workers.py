@@ -139,17 +139,20 @@ class _Stuck(nn.Module):
         return self.inner(h)
 
 
-def stuck_rank_worker(rank: int, world: int, store: str, out_dir: str, timeout_s: float, stall_s: float) -> None:
-    """Last rank stalls in its forward; every other rank must fail with a timeout error, not hang."""
+def _faulty_step(rank: int, world: int, store: str, out_dir: str, schedule: str, timeout_s: float,
+                 faulty: type, *fault_args, reraise: bool = False) -> None:
+    """One pipeline step whose last rank runs its stages wrapped in ``faulty``; every rank writes its
+    elapsed time and outcome to ``rank{r}.txt``. With ``reraise`` the faulty rank's process dies with its
+    error (as under torchrun); the others must fail, not hang."""
     from frugalm.parallel.pipeline import run_pipeline_step
     from frugalm.parallel.schedules import build_schedule
 
     _init(rank, world, store, timeout_s=timeout_s, device=torch.device("cpu"))
-    sched = build_schedule("1f1b", world, 2)
+    sched = build_schedule(schedule, world, 2 * world)
     stages = {s: build_stage(s, sched.num_stages) for s in sched.stages_on(rank)}
     if rank == world - 1:
-        stages = {s: _Stuck(m, stall_s) for s, m in stages.items()}
-    ids, labels = make_batch(4)
+        stages = {s: faulty(m, *fault_args) for s, m in stages.items()}
+    ids, labels = make_batch(4 * world)
     start = time.perf_counter()
     try:
         run_pipeline_step(sched, stages, ids, labels, criterion, hidden_shape=(2, SEQ, DIM),
@@ -157,8 +160,15 @@ def stuck_rank_worker(rank: int, world: int, store: str, out_dir: str, timeout_s
         outcome = "finished"
     except Exception as e:  # the error under test
         outcome = f"{type(e).__name__}: {e}"
-    elapsed = time.perf_counter() - start
-    (Path(out_dir) / f"rank{rank}.txt").write_text(f"{elapsed:.3f}\n{outcome}")
+        if reraise and rank == world - 1:
+            (Path(out_dir) / f"rank{rank}.txt").write_text(f"{time.perf_counter() - start:.3f}\n{outcome}")
+            raise
+    (Path(out_dir) / f"rank{rank}.txt").write_text(f"{time.perf_counter() - start:.3f}\n{outcome}")
+
+
+def stuck_rank_worker(rank: int, world: int, store: str, out_dir: str, timeout_s: float, stall_s: float) -> None:
+    """Last rank stalls in its forward; every other rank must fail with a timeout error, not hang."""
+    _faulty_step(rank, world, store, out_dir, "1f1b", timeout_s, _Stuck, stall_s)
 
 
 class _Crash(nn.Module):
@@ -177,23 +187,4 @@ class _Crash(nn.Module):
 
 def crash_rank_worker(rank: int, world: int, store: str, out_dir: str, schedule: str, timeout_s: float) -> None:
     """The last rank raises in its second forward and its process exits; the others must fail, not hang."""
-    from frugalm.parallel.pipeline import run_pipeline_step
-    from frugalm.parallel.schedules import build_schedule
-
-    _init(rank, world, store, timeout_s=timeout_s, device=torch.device("cpu"))
-    sched = build_schedule(schedule, world, 2 * world)
-    stages = {s: build_stage(s, sched.num_stages) for s in sched.stages_on(rank)}
-    if rank == world - 1:
-        stages = {s: _Crash(m) for s, m in stages.items()}
-    ids, labels = make_batch(4 * world)
-    start = time.perf_counter()
-    try:
-        run_pipeline_step(sched, stages, ids, labels, criterion, hidden_shape=(2, SEQ, DIM),
-                          hidden_dtype=torch.float32, device="cpu", timeout_s=timeout_s)
-        outcome = "finished"
-    except Exception as e:  # the error under test
-        outcome = f"{type(e).__name__}: {e}"
-        if rank == world - 1:
-            (Path(out_dir) / f"rank{rank}.txt").write_text(f"{time.perf_counter() - start:.3f}\n{outcome}")
-            raise  # the process dies with its error, as under torchrun
-    (Path(out_dir) / f"rank{rank}.txt").write_text(f"{time.perf_counter() - start:.3f}\n{outcome}")
+    _faulty_step(rank, world, store, out_dir, schedule, timeout_s, _Crash, reraise=True)
