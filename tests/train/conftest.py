@@ -8,19 +8,12 @@ import pytest
 import torch
 
 from frugalm.config import dump_toml
+from frugalm_testing import TINY_RUN_MODEL
 from frugalm.train.config import RunConfig, run_config_from_dict
 
 VOCAB = 320
 
-# A DeepSeek-V3 shape in miniature: q-LoRA MLA, 1 dense + 2 MoE layers, 8 experts in 4 groups (top-2 of
-# the best 2 groups), one shared expert, one MTP depth, sequence-balance loss on.
-TINY_MODEL = dict(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-    num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1,
-    num_experts_per_tok=2, n_group=4, topk_group=2, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-    qk_nope_head_dim=8, v_head_dim=8, first_k_dense_replace=1, num_nextn_predict_layers=1,
-    max_position_embeddings=64, aux_loss_alpha=1e-3,
-)
+TINY_MODEL = TINY_RUN_MODEL
 
 TINY_TRAIN = dict(
     max_steps=6, seed=7, batch_size=4, seq_len=16, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=3,
