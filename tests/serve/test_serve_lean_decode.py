@@ -1,6 +1,6 @@
 """The lean decode path (one token per sequence, functional weights, per-step tensors built once) computes
 what the general path computes: same hidden states for the main model and the MTP layer, in fp32 and bf16,
-for a single sequence (direct grouped-GEMM MoE branch) and a batch (the model's grouped experts)."""
+for a single sequence and a batch."""
 
 from __future__ import annotations
 

@@ -106,8 +106,9 @@ def test_generate_command_n_choices_are_seeded(saved_model, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "x", "--temperature", "2.5"], "temperature"),
-    (["--prompt", "x", "--top-p", "0"], "top-p"),
-    (["--prompt", "x", "--n", "0"], "--n"),
+    (["--prompt", "x", "--top-p", "0"], "top_p must be"),
+    (["--prompt", "x", "--n", "0"], "n must be"),
+    (["--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens"),
     (["--prompt", "x", "--speculative", "mtp", "--num-speculative-tokens", "9"], "num_speculative_tokens"),
     (["--prompt", "fox " * 200], "context"),
 ])

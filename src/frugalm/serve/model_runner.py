@@ -29,7 +29,7 @@ from torch import nn
 from frugalm.model.attention import MLA, RMSNorm
 from frugalm.model.moe import MoE, SwiGLU
 from frugalm.model.transformer import DecoderLayer, DeepSeekV3
-from frugalm.serve.mla import AttentionGroup, absorbed_attention, prefill_attention
+from frugalm.serve.mla import AttentionGroup, absorbed_attention, absorbed_weights, prefill_attention
 
 
 @dataclass
@@ -248,26 +248,6 @@ def _swiglu(mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight), mlp.down_proj.weight)
 
 
-def _moe(mlp: MoE, x: torch.Tensor) -> torch.Tensor:
-    """MoE.forward for decode rows: the model's router and grouped experts, minus the training-side
-    bookkeeping (expert-count statistics, balance loss) and no-op casts."""
-    routing = mlp.gate(x)
-    K = routing.indices.shape[-1]
-    flat = routing.indices.view(-1)
-    order = flat.argsort(stable=True)
-    ex = mlp.experts
-    offs = torch.bincount(flat, minlength=ex.n_experts).cumsum(0, dtype=torch.int32)
-    token = order.div(K, rounding_mode="floor")
-    xs = x.index_select(0, token)
-    y = ex(xs, offs)  # the model's grouped experts: one grouped GEMM per projection, no loop over experts
-    w = routing.weights.view(-1, 1).index_select(0, order)
-    y = y * (w if w.dtype == y.dtype else w.to(y.dtype))
-    out = torch.zeros_like(x).index_add_(0, token, y)
-    if mlp.shared_experts is not None:
-        out = out + _swiglu(mlp.shared_experts, x)
-    return out
-
-
 def _decode_layer(layer: DecoderLayer, cache: torch.Tensor, x: torch.Tensor, step: StepInput) -> torch.Tensor:
     """One decoder layer for B single-token decodes: x [B, d] -> [B, d]; writes the B new latents to `cache`.
 
@@ -289,8 +269,8 @@ def _decode_layer(layer: DecoderLayer, cache: torch.Tensor, x: torch.Tensor, ste
     D = cache.shape[-1]
     cache.view(-1, D).index_copy_(0, step.slots, torch.cat([c_kv, k_pe], dim=-1))
 
-    w = attn.kv_b_proj.weight.view(H, nope + attn.v_dim, r)
-    q_lat = torch.bmm(q[:, :, :nope].transpose(0, 1), w[:, :nope]).transpose(0, 1)  # [B, H, r]
+    w_uk, w_uv = absorbed_weights(attn)
+    q_lat = torch.bmm(q[:, :, :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]
     q = torch.cat([q_lat, _rope(q[:, :, nope:], step.rope[:, None])], dim=-1)  # [B, H, r + rope]
     ctx = cache.index_select(0, step.block_ids).view(B, -1, D)  # [B, S, r + rope]
     if step.mask.dtype == q.dtype:
@@ -299,8 +279,8 @@ def _decode_layer(layer: DecoderLayer, cache: torch.Tensor, x: torch.Tensor, ste
         scores = torch.add(step.mask, torch.bmm(q, ctx.transpose(1, 2)).float(), alpha=attn.softmax_scale)
     probs = scores.softmax(-1)
     o_lat = torch.bmm(probs if probs.dtype == ctx.dtype else probs.to(ctx.dtype), ctx[..., :r])  # [B, H, r]
-    o = torch.bmm(o_lat.transpose(0, 1), w[:, nope:].transpose(1, 2)).transpose(0, 1).reshape(B, -1)
+    o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1).reshape(B, -1)
     x = x + _linear(attn.o_proj, o)
     h = _norm(layer.post_attention_layernorm, x)
     mlp = layer.mlp
-    return x + (_moe(mlp, h) if type(mlp) is MoE else _swiglu(mlp, h))
+    return x + (mlp(h) if type(mlp) is MoE else _swiglu(mlp, h))  # MoE: the model's grouped path
