@@ -1,4 +1,4 @@
-"""Throughput accounting: model FLOPs per token, this device's measured matmul peak, and MFU.
+"""Throughput accounting: this device's measured matmul peak and MFU (FLOPs/token: `frugalm.plan.flops`).
 
 MFU here is "model FLOPs utilisation against what this device actually reaches on a large dense
 matmul" rather than against a datasheet number: a laptop CPU or an unknown accelerator has no
@@ -14,16 +14,8 @@ from pathlib import Path
 
 import torch
 
-from frugalm.model.config import ModelConfig
 
 PEAK_FILE = "peak_flops.json"
-
-
-def training_flops_per_token(cfg: ModelConfig, seq_len: int, *, include_mtp: bool = True) -> float:
-    """Forward + backward model FLOPs per token (the planner's counter: GEMMs + causal attention core)."""
-    from frugalm.plan.flops import flops_per_token
-
-    return float(flops_per_token(cfg, seq_len, training=True, include_mtp=include_mtp))
 
 
 def _synchronize(device: torch.device) -> None:

@@ -866,7 +866,8 @@ class Trainer:
             return float("nan"), float("nan")
         tps = tokens / seconds
         if self._flops_per_token is None:
-            from frugalm.train.perf import peak_flops, training_flops_per_token
+            from frugalm.plan.flops import training_flops_per_token
+            from frugalm.train.perf import peak_flops
 
             self._flops_per_token = training_flops_per_token(self.cfg.model, self.cfg.train.seq_len)
             self._peak = peak_flops(self.device, self.autocast_dtype or torch.float32, self.out_dir)
