@@ -43,15 +43,10 @@ def model_config(name: str) -> ModelConfig:
 
 
 def flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    """Training FLOPs/token: 6 x activated non-embedding parameters (head included) + causal attention."""
-    try:
-        from frugalm.plan.flops import flops_per_token as planner_flops
+    """Training FLOPs/token by the planner's op-by-op counter (GEMMs + causal attention core), MTP excluded."""
+    from frugalm.plan.flops import flops_per_token as planner_flops
 
-        return float(planner_flops(cfg, seq, training=True, include_mtp=False))
-    except ImportError:
-        active = cfg.param_counts()["activated"] - cfg.vocab_size * cfg.hidden_size  # embedding lookup is free
-        attn = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq  # fwd 2*T/2 MACs
-        return 6 * active + 3 * attn
+    return float(planner_flops(cfg, seq, training=True, include_mtp=False))
 
 
 def matmul_rate(n: int = 2048, reps: int = 5, clock=time.perf_counter) -> float:

@@ -10,7 +10,7 @@ KV-cached). Each completion gets its own seed, so results do not depend on how r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -152,8 +152,3 @@ def greedy(policy: Policy, prompts: Sequence[Sequence[int]], max_tokens: int, *,
     return [g[0] for g in generate(policy, prompts, SamplingSettings(n=1, temperature=0.0, max_tokens=max_tokens),
                                    max_num_seqs=max_num_seqs)]
 
-
-def default_settings(temperature: float, top_p: float, top_k: int, max_tokens: int, n: int = 1,
-                     seed: Optional[int] = 0) -> SamplingSettings:
-    return SamplingSettings(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                            seed=seed or 0)
