@@ -11,7 +11,8 @@ import torch
 from frugalm.config import ConfigError
 from frugalm.reason.config import GRPOConfig, load_reason_config
 from frugalm.reason.grpo.advantages import group_advantages
-from frugalm.reason.grpo.loss import clipped_surrogate, grpo_loss, k3_kl, token_entropy, token_logprobs, token_weights
+from frugalm.reason.grpo.loss import (clipped_surrogate, grpo_loss, k3_kl, token_entropy, token_logprobs,
+                                      token_logprobs_and_entropy, token_weights)
 from frugalm.reason.scoring import majority_answer, pass_at_k
 
 EPS = 1e-4
@@ -145,3 +146,17 @@ def test_majority_vote():
     assert majority_answer(["7", None, "07", "8", "8"]) == "7"  # "7" and "07" are one answer; tie broken by order
     assert majority_answer(["8", "7", "7"]) == "7"
     assert majority_answer([None, None]) is None
+
+
+def test_logprobs_and_entropy_from_one_log_softmax_match_the_separate_functions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 5), generator=g)
+    logp, ent = token_logprobs_and_entropy(logits, targets)
+    assert torch.equal(logp, token_logprobs(logits, targets)) and torch.equal(ent, token_entropy(logits))
+    assert logp.requires_grad and not ent.requires_grad
+    logp.sum().backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    token_logprobs(logits, targets).sum().backward()
+    assert torch.equal(grad, logits.grad)

@@ -33,8 +33,20 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution per position: [B, T, V] -> [B, T] (nats)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    return _entropy(torch.log_softmax(logits.float(), dim=-1))
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` (differentiable) and `token_entropy` (detached, for logging) from one log-softmax:
+    the [B, T, V] float tensor is the largest the policy update makes, so it is built once per micro-batch."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    with torch.no_grad():
+        entropy = _entropy(logp.detach())
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), entropy
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

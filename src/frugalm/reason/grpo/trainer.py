@@ -35,7 +35,7 @@ import torch
 from frugalm.config import ConfigError, to_dict
 from frugalm.reason.config import GRPOConfig, TaskConfig
 from frugalm.reason.grpo.advantages import group_advantages
-from frugalm.reason.grpo.loss import grpo_loss, token_entropy, token_logprobs
+from frugalm.reason.grpo.loss import grpo_loss, token_logprobs, token_logprobs_and_entropy
 from frugalm.reason.policy import Policy, frozen_copy
 from frugalm.reason.response_format import build_prompt_ids, extract_answer
 from frugalm.reason.rewards import RewardFunc, RewardModel, build_reward_model
@@ -393,14 +393,14 @@ class GRPOTrainer:
         B = len(batch.completions)
         width = batch.max_len
         total_tokens = float(sum(len(c) for c, m in zip(batch.completions, batch.loss_mask) if m))
-        sums = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "low": 0.0, "high": 0.0}
-        n_tok = 0.0
+        # running sums stay on the device; one host sync after the loop, not six per micro-batch
+        sums = {k: torch.zeros((), device=device) for k in ("loss", "entropy", "kl", "low", "high", "tokens")}
         mb = cfg.micro_batch_size
         for s in range(0, B, mb):
             rows = list(range(s, min(B, s + mb)))
             logits, targets = completion_logits(self.policy, [batch.prompts[i] for i in rows],
                                                 [batch.completions[i] for i in rows], width)
-            logp = token_logprobs(logits, targets)
+            logp, entropy = token_logprobs_and_entropy(logits, targets)
             mask = batch.mask_tensor(rows, width, device)
             old = batch.old_logps[s:s + len(rows)].to(device) if batch.old_logps is not None else logp.detach()
             ref = batch.ref_logps[s:s + len(rows)].to(device) if batch.ref_logps is not None else None
@@ -411,14 +411,16 @@ class GRPOTrainer:
             loss.backward()
             with torch.no_grad():
                 m = mask.bool()
-                sums["loss"] += float(loss)
-                sums["entropy"] += float(token_entropy(logits.detach())[m].sum())
-                sums["low"] += float(stats.low_clipped[m].sum())
-                sums["high"] += float(stats.high_clipped[m].sum())
+                sums["loss"] += loss.detach().float()
+                sums["entropy"] += entropy[m].sum()
+                sums["low"] += stats.low_clipped[m].sum()
+                sums["high"] += stats.high_clipped[m].sum()
                 if kl is not None:
-                    sums["kl"] += float(kl[m].sum())
-                n_tok += float(m.sum())
-            del logits, logp, loss
+                    sums["kl"] += kl[m].sum()
+                sums["tokens"] += m.sum()
+            del logits, logp, entropy, loss
+        sums = {k: float(v) for k, v in sums.items()}
+        n_tok = sums.pop("tokens")
         grad_norm = float(clip_gradients_(self.params, cfg.grad_clip))
         finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
         if finite:
