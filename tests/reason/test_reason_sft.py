@@ -80,3 +80,19 @@ def test_sft_rejects_examples_that_never_fit(tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
     with pytest.raises(ValueError, match="raise sft.seq_len"):
         build_sft_data(tok, [("1+1=?", "<think>x</think><answer>2</answer>")], [], _cfg(seq_len=8), DEFAULT_INSTRUCTION)
+
+
+def test_masked_cross_entropy_means_over_labelled_positions_and_is_zero_with_a_graph_when_none():
+    import torch.nn.functional as F
+
+    from frugalm.reason.sft import IGNORE_INDEX, masked_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 7, generator=g, requires_grad=True)
+    labels = torch.tensor([[1, IGNORE_INDEX, 3, 4], [IGNORE_INDEX, IGNORE_INDEX, 6, 0]])
+    expected = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    assert torch.allclose(masked_cross_entropy(logits, labels), expected, rtol=1e-6)
+    none = masked_cross_entropy(logits, torch.full_like(labels, IGNORE_INDEX))
+    assert none.item() == 0.0 and none.requires_grad
+    none.backward()
+    assert torch.count_nonzero(logits.grad) == 0

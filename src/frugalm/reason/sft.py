@@ -54,11 +54,15 @@ def build_sft_data(tokenizer: Any, train_pairs: Sequence[tuple[str, str]], val_p
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """CE over the labelled positions; a batch with none gives a zero that still has a graph."""
-    if not bool((labels != IGNORE_INDEX).any()):
-        return logits.float().sum() * 0.0
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
+    """CE over the labelled positions; a batch with none gives a zero that still has a graph.
+
+    Sum, then divide by the clamped count: no host sync to test for an all-ignored batch (a plain
+    ``reduction="mean"`` would give NaN there)."""
+    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class SFTTrainer(Trainer):
