@@ -66,9 +66,13 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": {}}
     base_cfg = load_reason_config(args.config, args.overrides + [f"grpo.max_steps={args.steps}"])
     task = load_task(base_cfg.task)
-    results["settings"] = {"model": args.model, "steps": args.steps, "seeds": args.seeds, "overrides": args.overrides,
-                           "task": task.describe(), "grpo": base_cfg.to_dict()["grpo"], "eval": base_cfg.to_dict()["eval"],
-                           "threads": args.threads, "torch": torch.__version__}
+    settings = {"model": args.model, "steps": args.steps, "seeds": args.seeds, "overrides": args.overrides,
+                "task": task.describe(), "grpo": base_cfg.to_dict()["grpo"], "eval": base_cfg.to_dict()["eval"],
+                "threads": args.threads, "torch": torch.__version__}
+    comparable = lambda d: {k: v for k, v in json.loads(json.dumps(d)).items() if k != "seeds"}  # noqa: E731
+    if results["runs"] and comparable(results.get("settings", {})) != comparable(settings):
+        raise SystemExit(f"{results_path} holds runs made with other settings; use another --out")
+    results["settings"] = settings
     if "start" not in results:
         results["start"] = eval_stage(args.model, task, base_cfg).to_dict(with_samples=False)
         results_path.write_text(json.dumps(results, indent=2))

@@ -56,8 +56,8 @@ def trl_run(args, task, out: Path) -> dict:
     examples = task.examples("train", args.train_size, 0)
     prompts = [ours.render_chat([{"role": "user", "content": f"{e.prompt}\n{args.instruction}"}],
                                 add_generation_prompt=True) for e in examples]
-    data = Dataset.from_list([{"prompt": p, **e.row(), "question": e.prompt} for p, e in zip(prompts, examples)])
-    data = data.remove_columns(["prompt"]).add_column("prompt", prompts)
+    # the rendered chat prompt goes last: it replaces the task row's bare "prompt" column
+    data = Dataset.from_list([{**e.row(), "question": e.prompt, "prompt": p} for p, e in zip(prompts, examples)])
     tok = PreTrainedTokenizerFast.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_safetensors=True)
     acc = accuracy_reward(task)
