@@ -112,3 +112,19 @@ def test_fp8_grouped_linear_drops_into_an_experts_linear_fn():
     got = FP8GroupedLinear(backend="sliced")(x, w, offs)
     assert got.shape == ref.shape
     assert ((got - ref).norm() / ref.norm()).item() < 0.06
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_emulated_grouped_gemm_is_the_per_expert_gemm(transpose_b):
+    """`EmulatedGemm.grouped_gemm` dequantizes once for all experts; the products must not change beyond
+    the FP32 GEMM kernel's summation order (operands differ only in memory layout)."""
+    from frugalm.fp8.backends import EmulatedGemm
+
+    x, w, offs, _ = _inputs()
+    a, b = quantize_activation(x), quantize_weight(w.transpose(1, 2).contiguous() if transpose_b else w)
+    gemm = EmulatedGemm()
+    got = gemm.grouped_gemm(a, b, _bounds(offs), torch.zeros(x.shape[0], OUT), transpose_b)
+    for e, (s, t) in enumerate(_bounds(offs)):
+        if t > s:
+            ref = gemm.gemm(a.rows(s, t), b[e].t() if transpose_b else b[e], torch.float32)
+            torch.testing.assert_close(got[s:t], ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))

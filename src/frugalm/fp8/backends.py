@@ -44,6 +44,9 @@ class GemmBackend(Protocol):
 
     def gemm(self, a: FP8Tensor, b: FP8Tensor, out_dtype: torch.dtype) -> Tensor: ...
 
+    # Optional: ``grouped_gemm(a, b, bounds, out, transpose_b) -> out`` for stacked experts ``b [E, ...]``
+    # (``out[s:t] = a[s:t] @ b[e]^T`` per expert's rows); without it `fp8.linear` calls `gemm` per expert.
+
 
 def _check_operands(a: FP8Tensor, b: FP8Tensor) -> tuple[int, int, int]:
     if a.data.dim() != 2 or b.data.dim() != 2:
@@ -95,6 +98,17 @@ class EmulatedGemm:
         if min(m, n, k) == 0:
             return torch.zeros(m, n, dtype=out_dtype, device=a.data.device)
         return torch.matmul(a.dequantize(torch.float32), b.dequantize(torch.float32).t()).to(out_dtype)
+
+    def grouped_gemm(self, a: FP8Tensor, b: FP8Tensor, bounds: list[tuple[int, int]], out: Tensor,
+                     transpose_b: bool) -> Tensor:
+        """Per-expert products with ``a`` and the stacked ``b`` dequantized once, not once per expert:
+        dequantization is elementwise (each element times its own tile's scale), so the operands are the
+        ones `gemm` multiplies expert by expert (products equal up to the FP32 kernel's summation order)."""
+        a32, b32 = a.dequantize(torch.float32), b.dequantize(torch.float32)
+        for e, (s, t) in enumerate(bounds):
+            if t > s:
+                out[s:t] = torch.mm(a32[s:t], b32[e] if transpose_b else b32[e].t())
+        return out
 
 
 @dataclass(frozen=True)

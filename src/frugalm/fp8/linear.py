@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from frugalm.fp8.backends import EmulatedGemm, GemmBackend, resolve_backend
+from frugalm.fp8.backends import GemmBackend, resolve_backend
 from frugalm.fp8.quantize import (
     WEIGHT_TILE,
     WGRAD_TILE,
@@ -198,19 +198,11 @@ def _group_bounds(offs: Tensor, n_experts: int, n_rows: int) -> list[tuple[int, 
 def _grouped_gemm(
     gemm: GemmBackend, a: FP8Tensor, b: FP8Tensor, bounds: list[tuple[int, int]], out: Tensor, transpose_b: bool
 ) -> Tensor:
-    """``out[s:t] = a[s:t] @ b[e]^T`` (``b[e]`` if ``transpose_b``) for each expert's rows ``s:t``.
-
-    The emulated backend dequantizes ``a`` and the stacked ``b`` once instead of per expert: dequantization
-    is elementwise (each element times its own tile's scale), so the products are the ones
-    `EmulatedGemm.gemm` computes expert by expert, bit for bit, with fewer small ops.
-    """
-    if isinstance(gemm, EmulatedGemm):
-        a32, b32 = a.dequantize(torch.float32), b.dequantize(torch.float32)
-        for e, (s, t) in enumerate(bounds):
-            if t > s:
-                be = b32[e] if transpose_b else b32[e].t()
-                out[s:t] = torch.mm(a32[s:t], be)
-        return out
+    """``out[s:t] = a[s:t] @ b[e]^T`` (``b[e]`` if ``transpose_b``) for each expert's rows ``s:t``; a backend
+    with its own ``grouped_gemm`` (see `GemmBackend`) does it its way."""
+    grouped = getattr(gemm, "grouped_gemm", None)
+    if grouped is not None:
+        return grouped(a, b, bounds, out, transpose_b)
     for e, (s, t) in enumerate(bounds):
         if t > s:
             out[s:t] = gemm.gemm(a.rows(s, t), b[e].t() if transpose_b else b[e], out.dtype)
