@@ -16,39 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from frugalm.model.moe import GroupedExperts, _grouped_mm_supported, _split_sizes, grouped_linear
-
-
-def _forward_impl(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    if _grouped_mm_supported(x, w):
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-    out = x.new_zeros(x.shape[0], w.shape[1])
-    start = 0
-    for e, n in enumerate(_split_sizes(offs)):
-        if n:
-            torch.mm(x[start:start + n], w[e].t(), out=out[start:start + n])
-            start += n
-    return out
-
-
-def _backward_impl(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor):
-    dy = dy.contiguous()
-    if _grouped_mm_supported(x, w):
-        return torch._grouped_mm(dy, w, offs=offs), torch._grouped_mm(dy.t(), x, offs=offs)
-    dx, dw = torch.zeros_like(x), torch.zeros_like(w)
-    start = 0
-    for e, n in enumerate(_split_sizes(offs)):
-        if n:
-            torch.mm(dy[start:start + n], w[e], out=dx[start:start + n])
-            torch.mm(dy[start:start + n].t(), x[start:start + n], out=dw[e])
-            start += n
-    return dx, dw
+from frugalm.model.moe import GroupedExperts, grouped_linear, grouped_mm_backward, grouped_mm_forward
 
 
 @torch.library.custom_op("frugalm::grouped_linear", mutates_args=())
 def grouped_linear_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """`frugalm.model.moe.grouped_linear` as one opaque op: x [N, in] sorted by expert, w [E, out, in]."""
-    return _forward_impl(x, w, offs)
+    return grouped_mm_forward(x, w, offs)
 
 
 @grouped_linear_op.register_fake
@@ -59,7 +33,7 @@ def _(x, w, offs):
 @torch.library.custom_op("frugalm::grouped_linear_backward", mutates_args=())
 def grouped_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
                                offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward_impl(dy, x, w, offs)
+    return grouped_mm_backward(dy, x, w, offs)
 
 
 @grouped_linear_backward_op.register_fake

@@ -46,25 +46,56 @@ def _split_sizes(offs: torch.Tensor) -> list[int]:
     return torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """y[rows of e] = x[rows of e] @ w[e].T, and both gradients, as three torch._grouped_mm calls.
+def grouped_mm_forward(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``out[rows of e] = x[rows of e] @ w[e]^T``: one `torch._grouped_mm` where the device has it, else one
+    GEMM per expert that received tokens (empty experts cost nothing). No autograd: see `_GroupedLinear`."""
+    if _grouped_mm_supported(x, w):
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    out = x.new_zeros(x.shape[0], w.shape[1])
+    start = 0
+    for e, n in enumerate(_split_sizes(offs)):
+        if n:
+            torch.mm(x[start:start + n], w[e].t(), out=out[start:start + n])
+            start += n
+    return out
 
-    dx is the grouped GEMM of dy with w, dw the 2-D x 2-D form over the same offsets (it writes zeros
-    for experts without rows). torch._grouped_mm's own autograd rejects a non-contiguous or expanded
-    dy, so the backward is spelled out and makes dy contiguous first.
-    """
+
+def grouped_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor,
+                        need_dx: bool = True, need_dw: bool = True) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """dx (grouped GEMM of dy with w) and dw (the 2-D x 2-D form over the same offsets; zeros for experts
+    without rows). `torch._grouped_mm`'s own autograd rejects a non-contiguous or expanded dy, so dy is
+    made contiguous first."""
+    dy = dy.contiguous()
+    if _grouped_mm_supported(x, w):
+        dx = torch._grouped_mm(dy, w, offs=offs) if need_dx else None
+        dw = torch._grouped_mm(dy.t(), x, offs=offs) if need_dw else None
+        return dx, dw
+    dx = torch.zeros_like(x) if need_dx else None
+    dw = torch.zeros_like(w) if need_dw else None
+    start = 0
+    for e, n in enumerate(_split_sizes(offs)):
+        if n:
+            rows = slice(start, start + n)
+            if dx is not None:
+                torch.mm(dy[rows], w[e], out=dx[rows])
+            if dw is not None:
+                torch.mm(dy[rows].t(), x[rows], out=dw[e])
+            start += n
+    return dx, dw
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ w[e].T and both gradients (`grouped_mm_forward` / `_backward`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w, offs)
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        return grouped_mm_forward(x, w, offs)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w, offs = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = torch._grouped_mm(dy, w, offs=offs) if ctx.needs_input_grad[0] else None
-        dw = torch._grouped_mm(dy.t(), x, offs=offs) if ctx.needs_input_grad[1] else None
+        dx, dw = grouped_mm_backward(dy, x, w, offs, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dx, dw, None
 
 
@@ -75,17 +106,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
         # passes see one dtype (the cast is differentiable, so FP32 master weights still get gradients).
         dtype = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
-            return grouped_linear(x.to(dtype), w.to(dtype), offs)
-    if _grouped_mm_supported(x, w):
-        return _GroupedLinear.apply(x, w, offs)
-    # Fallback: one GEMM per expert that received tokens (empty experts cost nothing).
-    out = x.new_empty(x.shape[0], w.shape[1])
-    start = 0
-    for e, n in enumerate(_split_sizes(offs)):
-        if n:
-            out[start:start + n] = x[start:start + n] @ w[e].t()
-            start += n
-    return out
+            return _GroupedLinear.apply(x.to(dtype), w.to(dtype), offs)
+    return _GroupedLinear.apply(x, w, offs)
 
 
 class GroupedExperts(nn.Module):
