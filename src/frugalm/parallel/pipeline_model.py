@@ -46,6 +46,8 @@ from frugalm.config import ConfigError
 from frugalm.model.moe import MoE
 from frugalm.parallel.mesh import collective_error
 from frugalm.parallel.schedules import PipelineSchedule
+from frugalm.train.balance import ExpertLoadTracker
+from frugalm.train.losses import next_token_losses
 
 
 def _balanced(n: int, parts: int) -> list[int]:
@@ -115,28 +117,29 @@ class DecoderStage(nn.Module):
         self.layer_moe = {f"model.layers.{i}.mlp": model.model.layers[i].mlp for i in layers
                           if isinstance(model.model.layers[i].mlp, MoE)}
         self.mtp_moe = {f"mtp.{k}.block.mlp": m.block.mlp for k, m in enumerate(self.mtp) if isinstance(m.block.mlp, MoE)}
+        # the last stage's balance loss (taken in `loss`) also covers the MTP blocks
+        self.loads = ExpertLoadTracker({**self.layer_moe, **self.mtp_moe} if self.last else self.layer_moe)
         self.grad_scale = 1.0  # weight of one micro-batch's loss in the step (set by the trainer)
         self.reset()
 
     def reset(self) -> None:
         """Clear the per-step sums (expert counts and loss parts)."""
-        self.counts: dict[str, torch.Tensor] = {}
+        self.loads.reset()
         self.sums: dict[str, torch.Tensor] = {}
+
+    @property
+    def counts(self) -> dict[str, torch.Tensor]:
+        """This step's expert counts of the stage's MoE blocks (summed over micro-batches)."""
+        return self.loads.counts
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         value = value.detach().float()
         self.sums[key] = self.sums[key] + value if key in self.sums else value
 
-    def _collect(self, modules: dict[str, MoE]) -> Optional[torch.Tensor]:
-        """Sum expert counts; the α-weighted balance loss of ``modules`` (None when off)."""
-        for name, m in modules.items():
-            if m.last_expert_counts is not None:
-                c = m.last_expert_counts.detach().to(torch.int64)
-                self.counts[name] = self.counts[name] + c if name in self.counts else c.clone()
-        if self.alpha <= 0:
-            return None
-        losses = [m.last_balance_loss for m in modules.values() if m.last_balance_loss is not None]
-        return self.alpha * torch.stack(losses).sum() if losses else None
+    def _collect(self) -> Optional[torch.Tensor]:
+        """Add this micro-batch's expert counts; the α-weighted balance loss of the stage (None when off)."""
+        self.loads.collect()
+        return self.loads.balance_loss(self.alpha)
 
     def _positions(self, T: int, device: torch.device):
         return self._rotary(torch.arange(T, device=device).unsqueeze(0))
@@ -151,7 +154,7 @@ class DecoderStage(nn.Module):
                 h = self.norm(h)
         if self.last:
             return h  # the balance loss of this stage's layers is added in `loss`, after the MTP blocks
-        balance = self._collect(self.layer_moe)
+        balance = self._collect()
         if balance is not None and torch.is_grad_enabled():
             self._add("balance_loss", balance)
             h = _AttachLoss.apply(h, balance, self.grad_scale)
@@ -178,16 +181,10 @@ class DecoderStage(nn.Module):
                 emb = self.embed_tokens(inputs[:, k:])
                 h = module(h[:, :-1], emb, cos, sin)
                 mtp_logits.append(self.lm_head(h))
-        main = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        total = main
-        self._add("loss", main)
-        if mtp_logits:
-            depth = [F.cross_entropy(lg.float().flatten(0, 1), labels[:, k:].flatten())
-                     for k, lg in enumerate(mtp_logits, start=1)]
-            mtp = torch.stack(depth).mean()
-            total = total + self.mtp_weight * mtp
-            self._add("mtp_loss", mtp)
-        balance = self._collect({**self.layer_moe, **self.mtp_moe})
+        total, parts = next_token_losses(logits, mtp_logits, labels, self.mtp_weight)
+        for key, value in parts.items():
+            self._add(key, value)
+        balance = self._collect()
         if balance is not None:
             total = total + balance
             self._add("balance_loss", balance)

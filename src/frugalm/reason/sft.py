@@ -2,8 +2,8 @@
 
 Everything else (AdamW, LR schedule, MTP loss, expert-bias balancing, atomic checkpoints, exact resume,
 progress bar, metrics.jsonl + PNG, SIGINT handling, HF export) is the trainer's own code. `SFTTrainer`
-overrides only `compute_loss` and `evaluate` (loss on assistant tokens) and starts from a pre-trained
-checkpoint instead of random weights.
+overrides only how a batch splits into inputs and labels, the cross-entropy and `evaluate` (loss on
+assistant tokens), and starts from a pre-trained checkpoint instead of random weights.
 
 Students that are not frugalm models (any transformers causal LM) cannot be hosted by the trainer,
 which builds its own DeepSeek-V3; `frugalm.reason.hf_sft` trains those with the same objective.
@@ -89,23 +89,9 @@ class SFTTrainer(Trainer):
             self.say(f"{self.init_from} has no MTP weights; the MTP module starts from random weights")
         del source
 
-    def compute_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs, labels = split_masked(batch)
-        with self.autocast():
-            logits, mtp_logits = self.model.forward_with_mtp(inputs)
-        main = masked_cross_entropy(logits, labels)
-        total = main
-        parts = {"loss": main.detach()}
-        if mtp_logits:
-            depth = [masked_cross_entropy(lg, labels[:, k:]) for k, lg in enumerate(mtp_logits, start=1)]
-            mtp = torch.stack(depth).mean()
-            total = total + self.cfg.train.mtp_weight * mtp
-            parts["mtp_loss"] = mtp.detach()
-        balance = self.loads.balance_loss(self.cfg.model.aux_loss_alpha)
-        if balance is not None:
-            total = total + balance
-            parts["balance_loss"] = balance.detach()
-        return total, parts
+    # The trainer's loss with assistant-only labels: split off the mask, CE over labelled positions.
+    split_batch = staticmethod(split_masked)
+    cross_entropy = staticmethod(masked_cross_entropy)
 
     @torch.no_grad()
     def evaluate(self, max_batches: Optional[int] = None) -> float:

@@ -41,6 +41,7 @@ from frugalm.config import ConfigError
 from frugalm.train import checkpoint as ckpt
 from frugalm.train.balance import ExpertLoadTracker, load_imbalance, moe_modules, update_expert_bias
 from frugalm.train.config import RunConfig, run_config_from_dict
+from frugalm.train.losses import cross_entropy, next_token_losses
 from frugalm.train.metrics import MetricsLogger, plot_run
 from frugalm.train.optim import AdamW, clip_gradients_
 from frugalm.train.schedule import lr_at
@@ -449,25 +450,21 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def split_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T+1]`` tokens -> (inputs, labels); SFT overrides it to mask non-assistant labels."""
+        return batch[:, :-1], batch[:, 1:]
+
+    cross_entropy = staticmethod(cross_entropy)  # SFT: over labelled positions only
+
     def compute_loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss to differentiate for one micro-batch ``[B, T+1]`` and its parts (detached).
 
         main: next-token CE; mtp: λ-free mean over depths of CE against labels[:, k:]; balance: α·Σ L_bal.
         """
-        inputs, labels = batch[:, :-1], batch[:, 1:]
+        inputs, labels = self.split_batch(batch)
         with self.autocast():
             logits, mtp_logits = self.model.forward_with_mtp(inputs)
-        main = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        total = main
-        parts = {"loss": main.detach()}
-        if mtp_logits:
-            depth_losses = [
-                F.cross_entropy(lg.float().flatten(0, 1), labels[:, k:].flatten())
-                for k, lg in enumerate(mtp_logits, start=1)
-            ]
-            mtp = torch.stack(depth_losses).mean()
-            total = total + self.cfg.train.mtp_weight * mtp
-            parts["mtp_loss"] = mtp.detach()
+        total, parts = next_token_losses(logits, mtp_logits, labels, self.cfg.train.mtp_weight, self.cross_entropy)
         balance = self.loads.balance_loss(self.cfg.model.aux_loss_alpha)
         if balance is not None:
             total = total + balance
