@@ -690,12 +690,21 @@ class Trainer:
             optim = replicas.gather_to_first(optim)
         if not self.is_main:
             return None, None
-        first: dict[int, str] = {}  # tied weights: the alias gets the stored tensor
-        for name, p in self.model.named_parameters(remove_duplicate=False):
-            if id(p) in first and first[id(p)] in model_sd:
-                model_sd[name] = model_sd[first[id(p)]]
-            first.setdefault(id(p), name)
+        for alias, name in self._tied_aliases().items():  # tied weights: the alias gets the stored tensor
+            if name in model_sd:
+                model_sd[alias] = model_sd[name]
         return model_sd, optim
+
+    def _tied_aliases(self) -> dict[str, str]:
+        """{alias: first name} of tied parameters, by identity (FSDP's DTensors have no storage to compare)."""
+        first: dict[int, str] = {}
+        aliases = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                aliases[name] = first[id(p)]
+            else:
+                first[id(p)] = name
+        return aliases
 
     def checkpoint_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         """(tensor files, JSON files) that fully describe the run at the current step.
@@ -708,14 +717,7 @@ class Trainer:
         else:  # collectives: every rank gathers the single-process (full) tensors
             from frugalm.parallel.checkpoint import full_optimizer_state, full_state_dict
 
-            # Tied weights by parameter identity (FSDP's DTensors have no storage to compare).
-            first: dict[int, str] = {}
-            aliases = {}
-            for name, p in self.model.named_parameters(remove_duplicate=False):
-                if id(p) in first:
-                    aliases[name] = first[id(p)]
-                else:
-                    first[id(p)] = name
+            aliases = self._tied_aliases()
             if self.pipe is not None:  # gathered stage by stage onto the writing rank only
                 full, optimizer_tensors = self._pipeline_full_state(optimizer_tensors)
                 full, optimizer_tensors = full or {}, optimizer_tensors or {}
