@@ -76,6 +76,7 @@ class SFTConfig:
     min_lr: float = 3e-4
     warmup_steps: int = 20
     schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2  # wsd only: the final fraction of steps spent decaying to min_lr
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     mtp_weight: float = 0.3

@@ -34,7 +34,7 @@ def train_config_for(sft: SFTConfig) -> TrainConfig:
     return TrainConfig(
         max_steps=sft.max_steps, seed=sft.seed, batch_size=sft.batch_size, seq_len=sft.seq_len,
         grad_accum=sft.grad_accum, lr=sft.lr, min_lr=sft.min_lr, warmup_steps=sft.warmup_steps,
-        schedule=sft.schedule, weight_decay=sft.weight_decay, grad_clip=sft.grad_clip, precision=sft.precision,
+        schedule=sft.schedule, decay_fraction=sft.decay_fraction, weight_decay=sft.weight_decay, grad_clip=sft.grad_clip, precision=sft.precision,
         device=sft.device, num_threads=sft.num_threads, eval_every=sft.eval_every, eval_batches=sft.eval_batches,
         checkpoint_every=sft.checkpoint_every, keep_checkpoints=sft.keep_checkpoints, log_every=sft.log_every,
         bias_update_gamma=sft.bias_update_gamma, mtp_weight=sft.mtp_weight, sample_tokens=0,

@@ -113,11 +113,9 @@ class RolloutBatch:
         return max(1, max(len(c) for c in self.completions))
 
     def mask_tensor(self, rows: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
-        m = torch.zeros(len(rows), width, device=device)
-        for r, i in enumerate(rows):
-            if self.loss_mask[i]:
-                m[r, : len(self.completions[i])] = 1.0
-        return m
+        # built from lengths on the host, moved once (not one small device write per row)
+        lens = torch.tensor([len(self.completions[i]) if self.loss_mask[i] else 0 for i in rows])
+        return (torch.arange(width) < lens[:, None]).float().to(device)
 
 
 @dataclass
