@@ -62,11 +62,10 @@ VARIANTS = {
 
 def read_metrics(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
     """(step -> train loss, step -> val loss) from a run's metrics.jsonl."""
+    from frugalm.plan.calibrate import read_metrics as read_jsonl
+
     train, val = {}, {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for rec in read_jsonl(run_dir / "metrics.jsonl"):
         if "loss" in rec:
             train[int(rec["step"])] = float(rec["loss"])
         if "val_loss" in rec:
