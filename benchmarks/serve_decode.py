@@ -10,7 +10,11 @@ Without --model, a random-weight model of configs/examples/tiny-checkpoint's sha
 16 routed experts, MTP depth 1) is saved to a temp folder. Its MTP module is untrained, so its draft
 acceptance is near zero; a trained checkpoint (e.g. runs/tiny/final) gives the real figure. The
 `synthetic` MTP row trains a tiny model + MTP on a deterministic sequence rule for a few seconds: it
-shows the machinery's speed-up when drafts are good, not a language model's acceptance rate.
+shows the machinery's speed-up when drafts are good, not a language model's acceptance rate. MTP rows time
+plain decoding, speculation "before" (multi-token steps on the general path) and "after" (the lean path)
+interleaved in one process, in wall and in CPU time; a checkpoint with a tokenizer gets Python-docs prompts.
+
+    python benchmarks/serve_decode.py --model runs/tiny/final --skip decode,synthetic --mtp-k 1,2,3 --mtp-batches 1,16
 """
 
 from __future__ import annotations
@@ -102,42 +106,134 @@ def bench_decode(path: Path, batches: list[int], prompt_len: int, new: int, repe
     return rows
 
 
+def timed_both(fn) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): on a shared box the CPU time is what load hurts least."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
 def bench_mtp(path: Path, prompt_len: int, new: int, ks: list[int], label: str, repeats: int,
-              prompts: list[list[int]] | None = None) -> list[dict]:
+              prompts: list[list[int]] | None = None, batches: tuple[int, ...] = (1,)) -> list[dict]:
+    """Greedy MTP speculation vs plain decoding, side by side in one process. "before" is the same engine
+    with `runner.lean_multi_token = False`: verification (1 + k tokens per sequence) and the MTP layer over
+    the accepted positions then take the general path, as before they had a lean one."""
     rows = []
     if prompts is None:
         vocab = ModelConfig.from_json(path).vocab_size
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(2, vocab, (prompt_len,), generator=g).tolist() for _ in range(3)]
+        prompts = [torch.randint(2, vocab, (prompt_len,), generator=g).tolist() for _ in range(max(3, *batches))]
+    single = prompts[:4] if len(prompts) <= 4 else prompts[:3]  # batch 1: 3 random prompts, or the given ones
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     plain = LLM(path, enable_prefix_caching=False)
     plain.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4))
-    base = [plain.generate(p, params)[0].token_ids for p in prompts]
-    for k in ks:
-        llm = LLM(path, speculative="mtp", num_speculative_tokens=k, enable_prefix_caching=False)
-        llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4))
-        outs = [llm.generate(p, params)[0].token_ids for p in prompts]
-        st = llm.stats
-        d0, a0 = st.draft_tokens, st.accepted_tokens
-        t_plain = t_spec = 0.0
-        for p in prompts:  # interleaved per prompt, best of `repeats`
-            tp = ts = float("inf")
-            for _ in range(repeats):
-                tp = min(tp, timed(lambda: plain.generate(p, params)))
-                ts = min(ts, timed(lambda: llm.generate(p, params)))
-            t_plain, t_spec = t_plain + tp, t_spec + ts
-        drafted, accepted = st.draft_tokens - d0, st.accepted_tokens - a0
-        row = {"model": label, "k": k, "batch": 1, "new_tokens": new,
-               "acceptance_rate": accepted / drafted if drafted else 0.0,
-               "first_draft_acceptance": (st.accepted_by_position[0] / st.drafted_by_position[0]
-                                          if st.drafted_by_position else 0.0),
-               "tokens_per_step": 1 + accepted / max(1, drafted / k),
-               "plain_tok_s": len(prompts) * new / t_plain, "mtp_tok_s": len(prompts) * new / t_spec,
-               "greedy_identical": outs == base}
-        row["speedup"] = row["mtp_tok_s"] / row["plain_tok_s"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for B in batches:
+        # Batch 1: each prompt alone, times summed. Batch B: B prompts (cycled) in one generate call.
+        runs = [[p] for p in single] if B == 1 else [[prompts[i % len(prompts)] for i in range(B)]]
+        base = [[c.token_ids for c in plain.generate(r, params)] for r in runs]
+        for k in ks:
+            llm = LLM(path, speculative="mtp", num_speculative_tokens=k, enable_prefix_caching=False)
+            runner = llm.engine.runner
+            llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4))
+            st = llm.stats
+            d0, a0, s0 = st.draft_tokens, st.accepted_tokens, st.steps
+            first0 = (st.accepted_by_position[0], st.drafted_by_position[0]) if st.drafted_by_position else (0, 0)
+            outs = {}
+            for mode in ("before", "after"):
+                runner.lean_multi_token = mode == "after"
+                outs[mode] = [[c.token_ids for c in llm.generate(r, params)] for r in runs]
+            drafted, accepted, steps = st.draft_tokens - d0, st.accepted_tokens - a0, (st.steps - s0) / 2
+            first = (st.accepted_by_position[0] - first0[0]) / max(1, st.drafted_by_position[0] - first0[1])
+            tot = {m: [0.0, 0.0] for m in ("plain", "before", "after")}
+            for r in runs:  # interleaved per run, best of `repeats` for wall and CPU time separately
+                best = {m: [float("inf"), float("inf")] for m in tot}
+                for _ in range(repeats):
+                    for m in ("plain", "before", "after"):
+                        if m != "plain":
+                            runner.lean_multi_token = m == "after"
+                        w, c = timed_both(lambda: (plain if m == "plain" else llm).generate(r, params))
+                        best[m] = [min(best[m][0], w), min(best[m][1], c)]
+                for m in tot:
+                    tot[m] = [tot[m][0] + best[m][0], tot[m][1] + best[m][1]]
+            runner.lean_multi_token = True
+            tokens = sum(len(r) for r in runs) * new
+            row = {"model": label, "k": k, "batch": B, "new_tokens": new, "prompts": sum(len(r) for r in runs),
+                   "acceptance_rate": accepted / drafted if drafted else 0.0, "first_draft_acceptance": first,
+                   "tokens_per_seq_step": tokens / (steps * B) if steps else 0.0,
+                   "plain_tok_s": tokens / tot["plain"][0], "before_tok_s": tokens / tot["before"][0],
+                   "after_tok_s": tokens / tot["after"][0],
+                   "speedup_before": tot["plain"][0] / tot["before"][0], "speedup_after": tot["plain"][0] / tot["after"][0],
+                   "cpu_speedup_before": tot["plain"][1] / tot["before"][1],
+                   "cpu_speedup_after": tot["plain"][1] / tot["after"][1],
+                   "greedy_identical": outs["before"] == base and outs["after"] == base}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
+
+
+def profile_mtp_step(path: Path, k: int, new: int, prompts: list[list[int]]) -> dict:
+    """Where a batch-1 speculative step's time goes: this process's CPU ms per engine step in each part
+    (plain decoding, speculation before = multi-token steps on the general path, after = lean), plus
+    torch.profiler's count of top-level aten ops per step. Greedy, the given prompts one at a time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    plain = LLM(path, enable_prefix_caching=False)
+    spec = LLM(path, speculative="mtp", num_speculative_tokens=k, enable_prefix_caching=False)
+    parts: dict[str, float] = {}
+
+    def wrap(obj, name: str, label: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed_part(*a, **kw):
+            t = time.process_time()
+            out = fn(*a, **kw)
+            parts[label] = parts.get(label, 0.0) + time.process_time() - t
+            return out
+        setattr(obj, name, timed_part)
+
+    for llm in (plain, spec):
+        e, r = llm.engine, llm.engine.runner
+        for obj, name in ((e, "step"), (e, "sampler"), (e, "_run_mtp"), (r, "prepare"), (r, "forward"),
+                          (r, "forward_mtp"), (r, "logits")):
+            if hasattr(obj, name):
+                wrap(obj, name, name)
+        llm.generate(prompts[0], params)
+    out = {}
+    for mode in ("plain", "before", "after"):
+        llm = plain if mode == "plain" else spec
+        spec.engine.runner.lean_multi_token = mode != "before"
+        parts.clear()
+        s0 = llm.stats.steps
+        for p in prompts:
+            llm.generate(p, params)
+        steps = llm.stats.steps - s0
+        row = {name: 1e3 * v / steps for name, v in parts.items()}
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            llm.generate(prompts[0], params)
+        top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+        row["top_level_aten_ops_per_step"] = len(top) / max(1, llm.stats.steps - s0 - steps)
+        row["steps"] = steps
+        out[mode] = row
+        print(json.dumps({"profile": mode, "k": k, **{a: round(b, 3) for a, b in row.items()}}), flush=True)
+    spec.engine.runner.lean_multi_token = True
+    return out
+
+
+def text_prompts(path: Path) -> list[list[int]] | None:
+    """A few Python-docs sentences (the default main job trains on Python's docs) when the checkpoint
+    has a tokenizer; random token ids otherwise."""
+    from frugalm.serve.engine import load_tokenizer_if_present
+
+    tok = load_tokenizer_if_present(path)
+    if tok is None:
+        return None
+    return [tok.encode(t) for t in (
+        "The for statement is used to iterate over the elements of a sequence",
+        "Return a new dictionary initialized from an optional positional argument and a possibly empty set of",
+        "The with statement is used to wrap the execution of a block with methods defined by a context manager.",
+        "Raised when an operation or function is applied to an object of inappropriate type. The associated",
+    )]
 
 
 def synthetic_mtp_checkpoint(out: Path) -> tuple[Path, list[list[int]]]:
@@ -157,7 +253,10 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--mtp-k", default="1,2")
+    ap.add_argument("--mtp-k", default="1,2,3")
+    ap.add_argument("--mtp-batches", default="1", help="batch sizes of the MTP rows, e.g. 1,16")
+    ap.add_argument("--profile-mtp", action="store_true",
+                    help="CPU ms per step in each part of a batch-1 speculative step (k = first of --mtp-k)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: decode,mtp,synthetic")
     ap.add_argument("--json", type=Path, default=None, help="write all results here")
     args = ap.parse_args()
@@ -184,13 +283,20 @@ def main() -> None:
             results["decode"] = bench_decode(path, [int(b) for b in args.batches.split(",")], args.prompt_len,
                                              args.new, args.repeats)
         ks = [int(k) for k in args.mtp_k.split(",")]
+        mtp_batches = tuple(int(b) for b in args.mtp_batches.split(","))
+        if args.profile_mtp and cfg.num_nextn_predict_layers > 0:
+            results["mtp_profile"] = profile_mtp_step(path, ks[0], args.new, text_prompts(path) or [
+                torch.randint(2, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()])
         if "mtp" not in skip and cfg.num_nextn_predict_layers > 0:
             label = "given checkpoint" if args.model else "random weights (untrained MTP)"
-            results["mtp"] = bench_mtp(path, args.prompt_len, args.new, ks, label, args.repeats)
+            prompts = text_prompts(path) if args.model else None
+            results["mtp"] = bench_mtp(path, args.prompt_len, args.new, ks, label, args.repeats, prompts,
+                                       mtp_batches)
         if "synthetic" not in skip:
             spath, prompts = synthetic_mtp_checkpoint(Path(tmp) / "synthetic")
             results["mtp_synthetic"] = bench_mtp(spath, 16, min(args.new, 100), ks,
-                                                 "synthetic rule-trained tiny model", args.repeats, prompts)
+                                                 "synthetic rule-trained tiny model", args.repeats, prompts,
+                                                 mtp_batches)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

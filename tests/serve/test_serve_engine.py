@@ -107,6 +107,41 @@ def test_mtp_speculation_accepts_drafts_of_a_trained_mtp(pattern_model):
         assert_greedy(pattern_model, prompt, out)
 
 
+def test_mtp_batch_with_different_acceptance_per_sequence_on_the_lean_path(model):
+    """A batch whose sequences accept different numbers of drafts in the same step: verification and the
+    MTP layer then run as lean steps over rows whose valid prefixes differ, and the output must still be
+    the non-speculative greedy output. The drafts are set from the known greedy continuation, right for
+    the first a tokens and wrong after, with a cycling through 0..k per sequence and step."""
+    k = 3
+    plain = run(LLMEngine(model, EngineConfig()), PROMPTS, max_tokens=16)
+    engine = LLMEngine(model, EngineConfig(speculative="mtp", num_speculative_tokens=k, block_size=4))
+    run_mtp = engine._run_mtp
+    seqs = [engine.add_request(f"r{i}", p, SamplingParams(max_tokens=16, **GREEDY)) for i, p in enumerate(PROMPTS)]
+    V = model.config.vocab_size
+    calls = {"step": 0}
+    lean_mixed = []
+
+    def steer(scheduled, step_in, valid, h):
+        run_mtp(scheduled, step_in, valid, h)
+        accepted = {valid[n] - 1 for n, s in enumerate(scheduled) if s.num_drafts}
+        if step_in.lean and len(accepted) > 1:
+            lean_mixed.append(sorted(accepted))
+        calls["step"] += 1
+        for i, seq in enumerate(seqs):
+            if seq.drafts:
+                truth = plain[i][seq.num_output_tokens: seq.num_output_tokens + len(seq.drafts)]
+                a = (i + calls["step"]) % (len(seq.drafts) + 1)
+                seq.drafts = truth[:a] + [(t + 1) % V for t in truth[a:]]
+
+    engine._run_mtp = steer
+    while engine.has_unfinished():
+        engine.step()
+    assert [s.output_token_ids for s in seqs] == plain
+    assert lean_mixed, "no lean step verified sequences that accepted different numbers of drafts"
+    assert 0 < engine.stats.acceptance_rate < 1
+    assert engine.stats.steps < 0.8 * (16 + 1)  # the accepted drafts really saved steps
+
+
 def test_mtp_with_prefix_caching_chunking_and_preemption(pattern_model):
     base = pattern_prompt(4, 22)
     prompts = [base, base[:21] + [7], base + pattern_prompt(9, 3), base]

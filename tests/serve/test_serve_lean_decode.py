@@ -1,8 +1,11 @@
-"""The lean decode path (one token per sequence, functional weights, per-step tensors built once) computes
-what the general path computes: same hidden states for the main model and the MTP layer, in fp32 and bf16,
-for a single sequence and a batch."""
+"""The lean decode path (functional weights, per-step tensors built once) computes what the general path
+computes: same hidden states for the main model and the MTP layer, in fp32 and bf16, for a single sequence
+and a batch, with one token per sequence and with several (MTP verification: the newest token + drafts,
+the same count for every sequence or not)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -72,3 +75,39 @@ def test_swapped_in_modules_fall_back_to_the_general_path():
             e.step()
         outs.append([s.output_token_ids for s in seqs])
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("dtype, lengths", [(torch.float32, [3, 3, 3]), (torch.float32, [4, 1, 2]),
+                                            (torch.bfloat16, [2, 2])])
+def test_lean_multi_token_step_matches_the_general_path(dtype, lengths):
+    """Verification-shaped steps: each sequence feeds its newest token + drafts; the queries are causal
+    among themselves (a draft sees the tokens before it in the same step, never those after)."""
+    model = random_model(1).to(dtype)
+    prompts = random_prompts(len(lengths), [6, 13, 9], seed=2)
+    engine = decoding_engine(model, prompts, steps=4)  # contexts straddle several 4-token blocks
+    runner = engine.runner
+    seqs = engine.scheduler.running
+    drafts = random_prompts(len(lengths), [3], seed=3)
+    items = []
+    for s, n, d in zip(seqs, lengths, drafts):
+        assert engine.block_manager.ensure(s, len(s.token_ids) + n - 1)
+        items.append(([s.token_ids[-1]] + d[: n - 1], len(s.token_ids) - 1, s.block_table, True))
+    lean = runner.prepare(items)
+    grouped = len(set(lengths)) == 1
+    assert lean.lean and lean.mask.shape[0] == (len(lengths) if grouped else sum(lengths))
+    runner.lean_multi_token = False
+    general = runner.prepare(items)
+    assert not general.lean
+    before = runner.cache.clone()
+    h_general = runner.forward(general)
+    cache_general = runner.cache.clone()
+    runner.cache.copy_(before)
+    runner.lean_multi_token = True
+    h_lean = runner.forward(lean)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(h_lean, h_general, **tol)
+    torch.testing.assert_close(runner.cache, cache_general, **tol)
+    # The MTP layer over the same rows (fed the next tokens), as the engine runs it after verification.
+    nxt = runner.logits(h_lean).argmax(-1)
+    torch.testing.assert_close(runner.forward_mtp(dataclasses.replace(lean, input_ids=nxt), h_lean),
+                               runner.forward_mtp(dataclasses.replace(general, input_ids=nxt), h_lean), **tol)

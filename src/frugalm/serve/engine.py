@@ -12,6 +12,7 @@ One `step()`:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from frugalm.model.transformer import DeepSeekV3
 from frugalm.serve.block_manager import BlockManager
 from frugalm.serve.config import EngineConfig
 from frugalm.serve.detokenizer import decode, find_stop, held_back, truncate_at_stop
-from frugalm.serve.model_runner import ModelRunner, default_num_blocks
+from frugalm.serve.model_runner import ModelRunner, StepInput, default_num_blocks
 from frugalm.serve.sampler import RowGroup, Sampler
 from frugalm.serve.sampling_params import SamplingParams
 from frugalm.serve.scheduler import ScheduledSeq, Scheduler
@@ -227,7 +228,7 @@ class LLMEngine:
             groups.append(RowGroup(seq.params, seq.generator, drafts, seq.output_token_ids))
             sampling.append(s)
         if rows:
-            results = self.sampler(runner.logits(h[rows]), groups)
+            results = self.sampler(runner.logits(h if len(rows) == h.shape[0] else h[rows]), groups)
             for s, res in zip(sampling, results):
                 if s.num_drafts:
                     self.stats.record_drafts(s.num_drafts, res.num_accepted)
@@ -246,7 +247,7 @@ class LLMEngine:
             valid.append(n)
 
         if self.use_mtp:
-            self._run_mtp(scheduled, step_in.row_starts, valid, h)
+            self._run_mtp(scheduled, step_in, valid, h)
         else:
             for s, n in zip(scheduled, valid):
                 s.seq.num_computed = s.start + n
@@ -264,24 +265,27 @@ class LLMEngine:
         return outputs
 
     # ------------------------------------------------------------------ MTP
-    def _run_mtp(self, scheduled: list[ScheduledSeq], row_starts: list[int], valid: list[int], h: torch.Tensor) -> None:
+    def _run_mtp(self, scheduled: list[ScheduledSeq], step_in: StepInput, valid: list[int], h: torch.Tensor) -> None:
         """Give the MTP layer the positions the main model just finalised, then draft for decoding sequences."""
         runner = self.runner
-        items, rows, last_rows, owners = [], [], [], []
-        for s, row0, n in zip(scheduled, row_starts, valid):
-            seq = s.seq
-            n = min(n, len(seq.token_ids) - 1 - s.start)
-            seq.num_computed = s.start + max(n, 0)
-            if n <= 0:
-                continue
-            items.append((seq.token_ids[s.start + 1: s.start + 1 + n], s.start, seq.block_table, s.decode))
-            rows.extend(range(row0, row0 + n))
-            if seq.finish_reason is None and seq.is_decoding:
-                last_rows.append(len(rows) - 1)
-                owners.append(seq)
-        if not items:
-            return
-        mtp_h = runner.forward_mtp(runner.prepare(items), h[rows])
+        if step_in.lean:
+            mtp_h, last_rows, owners = self._mtp_over_step(scheduled, step_in, valid, h)
+        else:
+            items, rows, last_rows, owners = [], [], [], []
+            for s, row0, n in zip(scheduled, step_in.row_starts, valid):
+                seq = s.seq
+                n = min(n, len(seq.token_ids) - 1 - s.start)
+                seq.num_computed = s.start + max(n, 0)
+                if n <= 0:
+                    continue
+                items.append((seq.token_ids[s.start + 1: s.start + 1 + n], s.start, seq.block_table, s.decode))
+                rows.extend(range(row0, row0 + n))
+                if seq.finish_reason is None and seq.is_decoding:
+                    last_rows.append(len(rows) - 1)
+                    owners.append(seq)
+            if not items:
+                return
+            mtp_h = runner.forward_mtp(runner.prepare(items), h[rows])
         if not owners:
             return
         plans = []
@@ -291,27 +295,58 @@ class LLMEngine:
                 k -= 1
             plans.append(max(k, 0))
             seq.drafts = []
-        prev = mtp_h[last_rows]  # row i belongs to owners[i]
-        row_of = {i: i for i in range(len(owners))}
-        tokens = runner.logits(prev).argmax(-1).tolist()
-        active = [i for i, k in enumerate(plans) if k > 0]
-        for i in active:
-            owners[i].drafts.append(tokens[i])
         # Later drafts reuse the same module on its own output (vLLM's scheme for one MTP layer): the MTP
-        # hidden state at position p stands in for the main model's at p + 1.
+        # hidden state at position p stands in for the main model's at p + 1. Draft tokens stay on the
+        # device between rounds (fed straight back as input ids) and come to the host once, at the end.
+        cur = list(range(len(owners)))  # owners[cur[n]] owns row n of prev / tok
+        prev = mtp_h[last_rows]
+        tok = runner.logits(prev).argmax(-1)
+        rounds = [(cur, tok)]
         for j in range(2, max(plans, default=0) + 1):
-            active = [i for i in active if plans[i] >= j]
-            if not active:
+            keep = [n for n, i in enumerate(cur) if plans[i] >= j]
+            if not keep:
                 break
-            step = runner.prepare([
-                ([owners[i].drafts[-1]], len(owners[i].token_ids) - 3 + j, owners[i].block_table, True)
-                for i in active])
-            sel = torch.tensor([row_of[i] for i in active], device=prev.device)
-            prev = runner.forward_mtp(step, prev[sel])
-            row_of = {i: n for n, i in enumerate(active)}
-            tokens = runner.logits(prev).argmax(-1).tolist()
-            for n, i in enumerate(active):
-                owners[i].drafts.append(tokens[n])
+            if len(keep) < len(cur):
+                sel = torch.tensor(keep, device=prev.device)
+                prev, tok, cur = prev[sel], tok[sel], [cur[n] for n in keep]
+            step = runner.prepare([([0], len(owners[i].token_ids) - 3 + j, owners[i].block_table, True) for i in cur])
+            prev = runner.forward_mtp(dataclasses.replace(step, input_ids=tok), prev)
+            tok = runner.logits(prev).argmax(-1)
+            rounds.append((cur, tok))
+        flat = torch.cat([t for _, t in rounds]).tolist() if len(rounds) > 1 else tok.tolist()
+        n = 0
+        for j, (who, _) in enumerate(rounds, start=1):
+            for i in who:
+                if plans[i] >= j:
+                    owners[i].drafts.append(flat[n])
+                n += 1
+
+    def _mtp_over_step(self, scheduled: list[ScheduledSeq], step_in: StepInput, valid: list[int],
+                       h: torch.Tensor) -> tuple[torch.Tensor, list[int], list[Sequence]]:
+        """The MTP layer over all of a decode step's rows, reusing the main model's step layout.
+
+        Row j of a sequence (position start + j) takes the committed token at start + j + 1 and the main
+        model's hidden state at start + j. Rows past the accepted drafts have no committed next token:
+        they are fed the sequence's last token, their MTP latents (like the main model's for rejected
+        drafts) land in slots past `num_computed`, are masked from every valid query, and are overwritten
+        before any later step reads them. Same positions, slots and masks as the main model's step, so
+        no second `prepare` and, at batch > 1, one [G, T*H, S] attention whatever each sequence accepted.
+        """
+        ids: list[int] = []
+        last_rows: list[int] = []
+        owners: list[Sequence] = []
+        for s, row0, n in zip(scheduled, step_in.row_starts, valid):
+            seq = s.seq
+            toks = seq.token_ids
+            nxt = toks[s.start + 1: s.start + 1 + len(s.token_ids)]
+            ids.extend(nxt + [toks[-1]] * (len(s.token_ids) - len(nxt)))
+            n = min(n, len(toks) - 1 - s.start)
+            seq.num_computed = s.start + max(n, 0)
+            if n > 0 and seq.finish_reason is None and seq.is_decoding:
+                last_rows.append(row0 + n - 1)
+                owners.append(seq)
+        step = dataclasses.replace(step_in, input_ids=torch.tensor(ids, dtype=torch.long, device=h.device))
+        return self.runner.forward_mtp(step, h), last_rows, owners
 
     # ------------------------------------------------------------------ outputs
     def _commit(self, seq: Sequence, tokens: list[int], logprobs: Optional[list[TokenLogprob]]) -> None:

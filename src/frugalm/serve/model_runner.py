@@ -6,15 +6,19 @@ by layer: the projections, norms, MoE (grouped GEMM, no loop over experts) and h
 only attention is replaced by the two paged paths in `frugalm.serve.mla`. All sequences of a step are
 flattened into one token batch, so every matmul outside attention sees the whole step at once.
 
-Decode-only steps (every sequence feeds exactly one token: the common case once prompts are in) take a
-leaner path, `_decode_layer`: at short contexts much of a small model's step is per-op dispatch and
-Python overhead rather than FLOPs, so that path works on flat [B, d] rows with the model's own weights
-through functional calls (no module dispatch), builds its per-step tensors (slots, padded block tables,
-an additive length mask, complex RoPE factors) once per step rather than per layer, runs absorbed MLA as
-a handful of batched matmuls over one `index_select` of the cache, and calls the model's router and
-grouped expert GEMM without the training-side bookkeeping. It computes the same function as the general
-path (same weights and formulas; sums may round differently), which tests/serve checks against the
-general path and against full recomputation.
+Decode-only steps (every sequence feeds its newest token, plus its MTP drafts when speculating: the
+common case once prompts are in) take a leaner path, `_decode_layer`: at short contexts much of a small
+model's step is per-op dispatch and Python overhead rather than FLOPs, so that path works on flat [N, d]
+rows with the model's own weights through functional calls (no module dispatch), builds its per-step
+tensors (slots, padded block tables, an additive causal mask, complex RoPE factors) once per step rather
+than per layer, runs absorbed MLA as a handful of batched matmuls over one `index_select` of the cache,
+and calls the model's own MoE module (router, grouped expert GEMM, shared expert). Speculative steps
+use it too: the main model verifying 1 + k tokens per sequence, the MTP layer over the same rows (the
+engine reuses the step's tensors), and each further draft. When every sequence feeds the same number T of tokens, a sequence's T queries
+share one gathered context ([G, T*H, S] scores, the mask causal within the new tokens); otherwise every
+query row gets its own copy of its sequence's context (G = N, T = 1). It computes the same function as
+the general path (same weights and formulas; sums may round differently), which tests/serve checks
+against the general path and against full recomputation.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ class StepInput:
     row_starts: list[int]  # first flat row of each sequence
     prefill: Optional[AttentionGroup]
     decode: Optional[AttentionGroup]
-    # Set only for decode-only steps with one token per sequence (the lean path):
-    block_ids: Optional[torch.Tensor] = None  # [B * nb] each sequence's first nb cache blocks, flattened
-    mask: Optional[torch.Tensor] = None  # [B, 1, nb * block_size] additive: 0 for keys <= position, -inf after
-    rope: Optional[torch.Tensor] = None  # [B, rope_dim / 2] complex cos + i sin at each position
+    # Set only for decode-only steps (the lean path). G attention groups of T query rows each: the
+    # sequences when all feed T tokens, else one group per query row (G = N, T = 1).
+    block_ids: Optional[torch.Tensor] = None  # [G * nb] each group's first nb cache blocks, flattened
+    mask: Optional[torch.Tensor] = None  # [G, T * H or 1, nb * block_size] additive: 0 for keys <= position, -inf after
+    rope: Optional[torch.Tensor] = None  # [N, rope_dim / 2] complex cos + i sin at each position
 
     @property
     def lean(self) -> bool:
@@ -73,6 +78,9 @@ class ModelRunner:
                                  dtype=self.dtype)
         blocks = list(model.model.layers) + ([m.block for m in model.mtp[:1]] if use_mtp else [])
         self.lean_decode = all(_lean_layer_ok(b) for b in blocks) and type(model.lm_head) is nn.Linear
+        # Decode steps where a sequence feeds several tokens (MTP verification, the MTP layer over accepted
+        # positions) take the lean path too; False sends them down the general path (benchmarks compare).
+        self.lean_multi_token = True
 
     @property
     def bytes_per_token(self) -> int:
@@ -82,7 +90,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ inputs
     def prepare(self, items: list[tuple[list[int], int, list[int], bool]]) -> StepInput:
         """items: (tokens fed, first position, block table, use the decode path) per sequence."""
-        if self.lean_decode and all(decode and len(tokens) == 1 for tokens, _, _, decode in items):
+        if self.lean_decode and all(decode and (len(tokens) == 1 or self.lean_multi_token)
+                                    for tokens, _, _, decode in items):
             return self._prepare_lean(items)
         bs = self.block_size
         ids: list[int] = []
@@ -110,28 +119,39 @@ class ModelRunner:
         )
 
     def _prepare_lean(self, items: list[tuple[list[int], int, list[int], bool]]) -> StepInput:
-        """One query per sequence: everything the layers share, built once for the step."""
+        """Decode tokens only (the newest token, plus drafts): everything the layers share, built once."""
         bs = self.block_size
-        ids, positions, slots, tables = [], [], [], []
-        nb = max(start // bs for _, start, _, _ in items) + 1
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        row_starts: list[int] = []
+        nb = max((start + len(tokens) - 1) // bs for tokens, start, _, _ in items) + 1
+        T = len(items[0][0])
+        grouped = all(len(tokens) == T for tokens, _, _, _ in items)  # G = B groups of T queries
+        tables: list[int] = []
         for tokens, start, table, _ in items:
-            ids.append(tokens[0])
-            positions.append(start)
-            slots.append(table[start // bs] * bs + start % bs)
-            used = start // bs + 1
-            tables.extend(table[:used])
-            tables.extend([0] * (nb - used))
+            row_starts.append(len(ids))
+            ids.extend(tokens)
+            used = (start + len(tokens) - 1) // bs + 1
+            padded = list(table[:used]) + [0] * (nb - used)
+            tables.extend(padded if grouped else padded * len(tokens))
+            for p in range(start, start + len(tokens)):
+                positions.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
         dev = self.device
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         keys = torch.arange(nb * bs, device=dev)
-        mask = torch.zeros(len(items), 1, nb * bs, device=dev)  # fp32: scores are softmaxed in fp32
-        mask.masked_fill_((keys[None, :] > pos[:, None])[:, None, :], float("-inf"))
+        qpos = pos.view(len(items), T) if grouped else pos[:, None]  # [G, T]
+        mask = torch.zeros(qpos.shape[0], qpos.shape[1], 1, nb * bs, device=dev)  # fp32: scores softmax in fp32
+        mask.masked_fill_((keys > qpos[..., None])[:, :, None, :], float("-inf"))
+        if qpos.shape[1] > 1:  # scores are [G, T*H, S]: one mask row per (query, head), causal within the T
+            mask = mask.expand(-1, -1, self.config.num_attention_heads, -1)
         cos, sin = self.model.rotary(pos)
         return StepInput(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev), positions=pos,
-            slots=torch.tensor(slots, dtype=torch.long, device=dev), row_starts=list(range(len(items))),
+            slots=torch.tensor(slots, dtype=torch.long, device=dev), row_starts=row_starts,
             prefill=None, decode=None, block_ids=torch.tensor(tables, dtype=torch.long, device=dev),
-            mask=mask, rope=torch.complex(cos, sin),
+            mask=mask.flatten(1, 2), rope=torch.complex(cos, sin),
         )
 
     # ------------------------------------------------------------------ forward
@@ -249,13 +269,16 @@ def _swiglu(mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_layer(layer: DecoderLayer, cache: torch.Tensor, x: torch.Tensor, step: StepInput) -> torch.Tensor:
-    """One decoder layer for B single-token decodes: x [B, d] -> [B, d]; writes the B new latents to `cache`.
+    """One decoder layer for N decode query rows: x [N, d] -> [N, d]; writes the N new latents to `cache`.
 
     Same computation as `_layer` + `absorbed_attention`: W_UK folded into the query, scores against the
-    cached [c_kv | k_pe] rows shared by all heads, W_UV applied to the latent attention result.
+    cached [c_kv | k_pe] rows shared by all heads (and by the T queries of a group), W_UV applied to the
+    latent attention result. The new latents are written before attention, so a verification query sees
+    the tokens before it in the same step, and the mask hides those after it.
     """
     attn = layer.self_attn
     B = x.shape[0]
+    G = step.mask.shape[0]
     H, nope, r = attn.n_heads, attn.nope_dim, attn.kv_lora_rank
     h = _norm(layer.input_layernorm, x)
     if attn.cfg.q_lora_rank:
@@ -271,14 +294,14 @@ def _decode_layer(layer: DecoderLayer, cache: torch.Tensor, x: torch.Tensor, ste
 
     w_uk, w_uv = absorbed_weights(attn)
     q_lat = torch.bmm(q[:, :, :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]
-    q = torch.cat([q_lat, _rope(q[:, :, nope:], step.rope[:, None])], dim=-1)  # [B, H, r + rope]
-    ctx = cache.index_select(0, step.block_ids).view(B, -1, D)  # [B, S, r + rope]
+    q = torch.cat([q_lat, _rope(q[:, :, nope:], step.rope[:, None])], dim=-1).view(G, -1, D)  # [G, T*H, D]
+    ctx = cache.index_select(0, step.block_ids).view(G, -1, D)  # [G, S, r + rope]
     if step.mask.dtype == q.dtype:
         scores = torch.baddbmm(step.mask, q, ctx.transpose(1, 2), alpha=attn.softmax_scale)
     else:
         scores = torch.add(step.mask, torch.bmm(q, ctx.transpose(1, 2)).float(), alpha=attn.softmax_scale)
     probs = scores.softmax(-1)
-    o_lat = torch.bmm(probs if probs.dtype == ctx.dtype else probs.to(ctx.dtype), ctx[..., :r])  # [B, H, r]
+    o_lat = torch.bmm(probs if probs.dtype == ctx.dtype else probs.to(ctx.dtype), ctx[..., :r]).view(B, H, r)
     o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1).reshape(B, -1)
     x = x + _linear(attn.o_proj, o)
     h = _norm(layer.post_attention_layernorm, x)
