@@ -3,8 +3,9 @@
 Both models are built from one config and share weights (ours is saved, transformers loads it); each
 timing round runs both on the same batch, alternating, so machine noise hits both alike. MFU is
 measured against this machine's own dense fp32 `torch.matmul` rate, taken in the same run.
-Peak memory is measured per implementation in a fresh child process (peak RSS growth over the
-post-load baseline during fwd+bwd), since CPU allocations are not tracked by torch.
+Peak memory is measured per implementation in a fresh child process, on a steady-state fwd+bwd: the
+peak of tensor bytes alive at once (profiler allocator events; the figure to compare) and the peak RSS
+growth over a malloc_trim'ed baseline (what the process really took, allocator caching included).
 
     python benchmarks/model_vs_transformers.py [--rounds 5] [--batch 4] [--seq 256] [--clock cpu] [--compile]
 """
@@ -127,24 +128,48 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def live_tensor_peak(fn) -> float:
+    """Peak bytes of tensors alive at once during fn(), from the profiler's CPU allocator events in time
+    order (the CPU analogue of `torch.cuda.max_memory_allocated`; independent of what malloc keeps cached)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def child_memory(name: str, impl: str, path: str, batch: int, seq: int) -> None:
-    """Peak RSS growth of one fwd+bwd over the loaded model (Linux: VmHWM reset via clear_refs)."""
+    """Peak memory of one steady-state fwd+bwd (gradients included) of the loaded model, two ways:
+    tensors alive at once (profiler), and process RSS growth (Linux VmHWM reset via clear_refs) over a
+    baseline taken after `malloc_trim`, so memory that glibc merely kept from the warm-up step is not
+    mistaken for headroom (untrimmed, the baseline moved 60-150 MiB between identical runs)."""
+    import ctypes
+    import gc
+
     model = build(name, impl, path)
     ids = torch.randint(0, COMMON["vocab_size"], (batch, seq))
     step(model, ids)  # first step allocates lazily-created buffers; measure the steady state
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kib("VmRSS")
     step(model, ids)
-    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - base) / 1024}))
+    rss = (_status_kib("VmHWM") - base) / 1024
+    print(json.dumps({"tensor_peak_mib": live_tensor_peak(lambda: step(model, ids)) / 2**20, "rss_peak_mib": rss}))
 
 
-def peak_memory(name: str, impl: str, path: str, batch: int, seq: int) -> float:
+def peak_memory(name: str, impl: str, path: str, batch: int, seq: int) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--child", name, impl, path, str(batch), str(seq)],
         capture_output=True, text=True, check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def compile_impl(model, impl: str):
@@ -215,8 +240,9 @@ def main() -> None:
                   f"{tps['frugalm+compile'] / tps['hf-grouped_mm+compile']:.2f}x")
         print(f"  routed-expert grouped GEMMs alone (fwd+bwd, balanced, {args.batch * args.seq * cfg.num_experts_per_tok // cfg.n_routed_experts} rows/expert): "
               f"{gemm / 1e9:.1f} GFLOP/s = {100 * gemm / rate:.0f}% of the matmul rate")
-        print(f"  peak memory fwd+bwd: frugalm {mem['frugalm']:.0f} MiB, transformers {mem[hf_best]:.0f} MiB "
-              f"({mem[hf_best] / max(mem['frugalm'], 1e-9):.2f}x)")
+        for key, what in (("tensor_peak_mib", "tensors alive at once"), ("rss_peak_mib", "process RSS growth")):
+            print(f"  peak memory fwd+bwd, {what}: frugalm {mem['frugalm'][key]:.0f} MiB, "
+                  f"transformers {mem[hf_best][key]:.0f} MiB ({mem[hf_best][key] / max(mem['frugalm'][key], 1e-9):.2f}x)")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,41 @@ def test_moe_matches_dense_reference():
     assert moe.last_expert_counts.sum().item() == 10 * cfg.num_experts_per_tok
 
 
+def test_moe_combine_saves_one_expert_output_and_matches_index_add():
+    """The routed experts keep two [tokens x top-k, d] activations for backward (the gathered expert
+    input and the unweighted expert output), not a third weighted copy (autograd's `index_add_` saves
+    its source); values and gradients equal the plain `zeros.index_add_(token, out * gate)` exactly."""
+    cfg = tiny_config(n_shared_experts=0, moe_intermediate_size=24)  # 2 x 24 != hidden 64: sizes tell apart
+    moe = DeepSeekV3(cfg).init_weights(2).moe_layers()[0]
+    params = {p.untyped_storage().data_ptr() for p in moe.parameters()}
+    x = torch.randn(12, cfg.hidden_size, requires_grad=True)
+    rows = x.shape[0] * cfg.num_experts_per_tok
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = moe(x)
+    row_sized = [n for n in saved.values() if n == rows * cfg.hidden_size * 4]
+    assert len(row_sized) == 2, sorted(saved.values())
+
+    # reference: the same dispatch with autograd's own mul + index_add_
+    routing = moe.gate(x)
+    order = routing.indices.reshape(-1).argsort(stable=True)
+    token = order.div(cfg.num_experts_per_tok, rounding_mode="floor")
+    counts = torch.bincount(routing.indices.reshape(-1), minlength=cfg.n_routed_experts)
+    out = moe.experts(x.index_select(0, token), counts.cumsum(0, dtype=torch.int32))
+    ref = torch.zeros_like(x).index_add_(0, token, out * routing.weights.reshape(-1)[order].unsqueeze(-1))
+    assert torch.equal(y, ref)
+    g = torch.randn_like(y)
+    wrt = (x, moe.gate.weight, moe.experts.gate_up_proj, moe.experts.down_proj)
+    for a, b in zip(torch.autograd.grad(y, wrt, g), torch.autograd.grad(ref, wrt, g)):
+        assert torch.equal(a, b)
+
+
 def test_checkpoint_names_mtp_and_sharding(tmp_path):
     cfg = tiny_config()
     model = DeepSeekV3(cfg).init_weights(0)
