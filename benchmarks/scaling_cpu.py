@@ -12,7 +12,8 @@ Pipeline layouts (``pp2 ...``) run what `Trainer._setup_pipeline`/`_pipeline_ste
 stages (`split_model`), each rank keeping only its stages' weights, `PipelineRunner` with the named
 schedule and 4 micro-batches, then the shared-embedding sum and the dp sync of held parameters. The ranks
 of one pipeline read the same batch, so a ``pp2`` step processes ``--batch`` sequences on 2 processes
-(tokens per step = data-parallel ranks x batch x seq). The last column is the parameter storage held by
+(tokens per step = data-parallel ranks x batch x seq); ``pp2·dp2 fsdp`` shards each rank's stages over
+its dp pair (`frugalm.parallel.pipeline_fsdp`). The last column is the parameter storage held by
 the largest rank after setup (``--json`` also records every rank's and its VmHWM).
 
 Every process gets one thread (as under torchrun). ``cpu/wall`` is each rank's CPU time divided by
@@ -50,6 +51,7 @@ LAYOUTS: list[tuple[str, int, dict]] = [
     ("pp2 1f1b", 2, {"pp": 2, "schedule": "1f1b", "micro": 4}),
     ("pp2 dualpipev", 2, {"pp": 2, "schedule": "dualpipev", "micro": 4}),
     ("pp2·dp2 1f1b", 4, {"pp": 2, "dp": 2, "schedule": "1f1b", "micro": 4}),
+    ("pp2·dp2 fsdp 1f1b", 4, {"pp": 2, "dp": 2, "dp_mode": "fsdp", "schedule": "1f1b", "micro": 4}),
 ]
 
 MODEL = dict(
@@ -81,9 +83,10 @@ def _rank(rank: int, world: int, store: str, out: str, fields: dict, args: dict,
     schedule_name, micro = fields.pop("schedule", None), fields.pop("micro", None)
     cfg = ParallelConfig(**fields, timeout_s=120)
     mesh = init_distributed(cfg, "cpu", init_method=f"file://{store}", rank=rank, world_size=world)
-    model = parallelize(DeepSeekV3(ModelConfig(**MODEL)).init_weights(seed=0), mesh, cfg)
+    pp_fsdp = mesh.pp > 1 and cfg.dp_mode == "fsdp"  # FSDP shards the held stages only, after the split
+    model = parallelize(DeepSeekV3(ModelConfig(**MODEL)).init_weights(seed=0), mesh, cfg, data_parallel=not pp_fsdp)
     model.train()
-    pipe = _pipeline(model, mesh, schedule_name, micro, args) if mesh.pp > 1 else None
+    pipe = _pipeline(model, mesh, schedule_name, micro, args, fsdp=pp_fsdp) if mesh.pp > 1 else None
     named = list(model.named_parameters())
     if pipe is not None:  # this rank's stages only (the others were released to meta)
         held = pipe["replicas"].held_names()
@@ -120,7 +123,10 @@ def _rank(rank: int, world: int, store: str, out: str, fields: dict, args: dict,
         if step >= args["warmup"]:
             times.append(elapsed.item())
             cpu.append((time.process_time() - c0) / max(1e-9, time.perf_counter() - t0))
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    from torch.distributed.tensor import DTensor
+
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]  # FSDP: own shard
+    param_bytes = sum(t.numel() * t.element_size() for t in local if t.device.type != "meta")
     hwm_kb = next((int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                    if line.startswith("VmHWM:")), None) if Path("/proc/self/status").exists() else None
     Path(out, f"rank{rank}.json").write_text(json.dumps({"times": times, "cpu": cpu, "param_bytes": param_bytes,
@@ -128,8 +134,9 @@ def _rank(rank: int, world: int, store: str, out: str, fields: dict, args: dict,
     shutdown_distributed()
 
 
-def _pipeline(model, mesh, schedule_name: str, micro: int, args: dict) -> dict:
-    """What `Trainer._setup_pipeline` builds: stages, this rank's runner, released weights, held-only dp sync."""
+def _pipeline(model, mesh, schedule_name: str, micro: int, args: dict, fsdp: bool = False) -> dict:
+    """What `Trainer._setup_pipeline` builds: stages, this rank's runner, released weights, held-only dp sync
+    (or, with ``fsdp``, FSDP2 over the held stages)."""
     import contextlib
 
     import torch
@@ -146,10 +153,17 @@ def _pipeline(model, mesh, schedule_name: str, micro: int, args: dict) -> dict:
                             hidden_dtype=torch.float32, device="cpu", group=mesh.group("pp"), timeout_s=120)
     replicas = PipelineReplicas(model, stages, schedule, mesh.pp_rank, mesh.group("pp"))
     replicas.release_unheld()
-    set_gradient_sync(model, False)
-    restrict_gradient_sync(model, set(replicas.held))
+    sharded = None
+    if fsdp:
+        from frugalm.parallel.pipeline_fsdp import shard_pipeline_stages
+
+        sharded = shard_pipeline_stages(model, mine, mesh, schedule)
+        replicas.rebind(model, (mesh.data_parallel_size, mesh.dp_ep_rank))
+    else:
+        set_gradient_sync(model, False)
+        restrict_gradient_sync(model, set(replicas.held))
     return {"schedule": schedule, "mine": mine, "runner": runner, "replicas": replicas,
-            "last": next((m for m in mine.values() if m.last), None)}
+            "last": next((m for m in mine.values() if m.last), None), "fsdp": sharded}
 
 
 def _pipeline_step(pipe: dict, model, mesh, batch) -> dict:
@@ -164,7 +178,11 @@ def _pipeline_step(pipe: dict, model, mesh, batch) -> dict:
         stage.reset()
         stage.grad_scale = 1.0 / pipe["schedule"].num_micro
     criterion = pipe["last"].loss if pipe["last"] is not None else None
+    if pipe["fsdp"] is not None:
+        pipe["fsdp"].begin_step()
     pipe["runner"].step(batch[:, :-1], batch, criterion)
+    if pipe["fsdp"] is not None:
+        pipe["fsdp"].finish_step()
     pipe["replicas"].reduce_shared_grads()
     sync_gradients(model)
     local: dict = {}

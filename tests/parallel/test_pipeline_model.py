@@ -142,3 +142,27 @@ def test_gradient_sync_restricted_to_held_parameters_reduces_only_those(monkeypa
             torch.testing.assert_close(p.grad, before[p])
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_rebind_and_shard_shapes_of_shared_gradients():
+    """pp x FSDP: `rebind` follows parameters replaced by name, and a rank that does not hold the shared
+    embedding contributes zeros shaped like FSDP's dim-0 shard of it (1F1B, pp4: ranks 1-2 hold no embedding)."""
+    model = _model()
+    sched = build_schedule("1f1b", 4, 4)
+    stages = split_model(model, sched, mtp_weight=0.3, autocast=contextlib.nullcontext)
+    embed = model.model.embed_tokens.weight  # [97, 64]
+    middle = PipelineReplicas(model, stages, sched, 1, None)
+    assert [middle.names[p] for p in middle.shared] == ["model.embed_tokens.weight"] 
+    assert all(p is not embed for p in middle.held)
+    middle.rebind(model, (3, 2))
+    assert middle._local_grad(embed).shape == (97 - 2 * 33, 64)  # torch.chunk(97, 3) -> 33, 33, 31
+    middle.rebind(model, (128, 100))
+    assert middle._local_grad(embed).shape == (0, 64)  # past the last chunk: an empty shard
+    first = PipelineReplicas(model, stages, sched, 0, None)
+    replacement = torch.nn.Parameter(embed.detach().clone())
+    model.model.embed_tokens.weight = replacement  # what fully_shard does (a new parameter object)
+    first.rebind(model, (2, 0))
+    assert len(first.shared) == 1 and first.shared[0] is replacement and first.copies[replacement] == 2
+    assert any(p is replacement for p in first.held) and first.names[replacement] == "model.embed_tokens.weight"
+    replacement.grad = torch.ones_like(replacement)
+    assert torch.equal(first._local_grad(replacement), replacement.grad)

@@ -235,3 +235,113 @@ def test_pp2_times_dp2_or_ep2_on_four_processes_matches_single_process(setup, ax
                      "--set", "train.batch_size=2", "--set", "train.max_steps=2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     _check_against_reference(root, out, [1, 2])
+
+
+# ---------------------------------------------------------------------------------------- pp x FSDP2
+# Weights and AdamW moments of a distributed run's checkpoint against the single-process one. The fp32
+# gradients differ only in summation order (~1e-7 relative), but AdamW divides by sqrt(v) + 1e-8, so an
+# entry whose gradient is rounding noise moves by up to ~lr with the noise's sign: one such entry of the
+# tiny model ends ~8e-6 off after two steps, identically under pp2·dp2 DDP -- hence atol 1e-5 on weights.
+WEIGHT_TOL, MOMENT_TOL = dict(rtol=1e-4, atol=1e-5), dict(rtol=1e-4, atol=1e-8)
+
+
+def _check_checkpoint_against(want: Path, got: Path) -> None:
+    import torch
+
+    from frugalm.train import checkpoint as ckpt
+
+    ref, run = ckpt.load_checkpoint(want), ckpt.load_checkpoint(got)
+    for part, tol in (("model", WEIGHT_TOL), ("optimizer", MOMENT_TOL)):
+        assert set(run.tensors[part]) == set(ref.tensors[part]), part
+        for name, w in ref.tensors[part].items():
+            torch.testing.assert_close(run.tensors[part][name], w, **tol, msg=lambda m: f"{part} {name}: {m}")
+
+
+def _fsdp_pp2dp2(*args: str) -> subprocess.CompletedProcess:
+    return _torchrun(4, "--set", "parallel.pp=2", "--set", "parallel.dp=2", "--set", "parallel.dp_mode=fsdp",
+                     "--set", "train.batch_size=2", *args)
+
+
+def _check_sharded(log: str) -> None:
+    """Each pp2·dp2 FSDP rank stores about half of its stages' weights (its dp shard)."""
+    match = re.search(r"parameter MB held per pp rank \[([^\]]+)\] \(whole model ([0-9.]+) MB\)", log)
+    assert match, log[-3000:]
+    held, whole = [float(x) for x in match.group(1).split(",")], float(match.group(2))
+    assert sum(held) < 0.7 * whole, (held, whole)
+    assert "pipeline: FSDP2 over dp x ep = 2 ranks per stage" in log
+
+
+def test_pp2_times_dp2_fsdp_matches_single_process_and_resumes_single_process(setup):
+    """pp2 x FSDP2 (1F1B, resharding after forward): losses, gradient norms, weights and moments of two
+    steps equal the single-process run; the checkpoint continues on one process; HF export and pipeline
+    evaluation agree."""
+    root, config, ref = setup
+    out = root / "pp2dp2-fsdp"
+    proc = _fsdp_pp2dp2("--config", str(config), "--out", str(out), "--set", "pipeline.schedule=1f1b",
+                        "--set", "pipeline.micro_batches=2", "--set", "train.max_steps=2",
+                        "--set", "train.checkpoint_every=2", "--set", "train.eval_every=2", "--set", "train.eval_batches=1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("done: 2 steps") == 1
+    assert "reshard_after_forward=True" in proc.stderr
+    _check_sharded(proc.stderr)
+    _check_against_reference(root, out, [1, 2])
+    _check_checkpoint_against(root / "single" / "checkpoints" / "step-000002", out / "checkpoints" / "step-000002")
+    val, export_val = _records(out)[2]["val_loss"], _val_loss_of_export(root, config, out / "final")
+    assert math.isclose(val, export_val, rel_tol=RTOL), (val, export_val)
+    proc = _single("--out", str(out), "--resume", "--set", "parallel.pp=1", "--set", "parallel.dp=0",
+                   "--set", "parallel.dp_mode=ddp", "--set", "train.batch_size=4", "--set", "train.max_steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "continuing from" in proc.stderr and "step 2" in proc.stderr
+    assert math.isclose(_losses(out)[3], ref[3], rel_tol=RTOL), (_losses(out)[3], ref[3])
+
+
+def test_single_process_checkpoint_resumes_under_pp2_dp2_fsdp_zero_bubble(setup):
+    """single -> pp2 x FSDP2 under ZB1P (deferred weight gradients: parameters stay gathered for the step):
+    each rank loads its shard of its stages, and step 3 (loss, gradient norm, weights, moments) is the
+    single-process step 3."""
+    root, config, ref = setup
+    out = root / "single-to-pp2dp2-fsdp"
+    shutil.copytree(root / "single", out)
+    shutil.rmtree(out / "checkpoints" / "step-000003")
+    shutil.rmtree(out / "final")
+    proc = _fsdp_pp2dp2("--out", str(out), "--resume", "--set", "pipeline.schedule=zb1p",
+                        "--set", "pipeline.micro_batches=2", "--set", "train.max_steps=3", "--set", "train.checkpoint_every=3")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "continuing from" in proc.stderr and "step 2" in proc.stderr
+    assert "reshard_after_forward=False" in proc.stderr
+    _check_against_reference(root, out, [1, 2, 3])  # steps 1-2 are the copied reference's own records
+    _check_checkpoint_against(root / "single" / "checkpoints" / "step-000003", out / "checkpoints" / "step-000003")
+    assert (out / "final" / "config.json").is_file()
+
+
+@pytest.mark.slow  # two 4-process runs and their own single-process reference, ~1.5 min on 2 cores
+@pytest.mark.parametrize("schedule", ["dualpipe", "dualpipev"])
+def test_pp2_times_dp2_fsdp_dualpipe_matches_single_process(setup, schedule):
+    """DualPipe (mirrored stage copies exchange gathered gradients before the reduce-scatter) and DualPipeV
+    need >= 4 micro-batches: 4 sequences per rank against a single process on batches of 8."""
+    root, config, _ = setup
+    ref = root / "single-b8"
+    if not ref.exists():
+        proc = _single("--config", str(config), "--out", str(ref), "--set", "train.batch_size=8",
+                       "--set", "train.max_steps=2", "--set", "train.checkpoint_every=2")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    out = root / f"pp2dp2-fsdp-{schedule}"
+    proc = _fsdp_pp2dp2("--config", str(config), "--out", str(out), "--set", f"pipeline.schedule={schedule}",
+                        "--set", "pipeline.micro_batches=4", "--set", "train.batch_size=4", "--set", "train.max_steps=2",
+                        "--set", "train.checkpoint_every=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    want, got = _records(ref), _records(out)
+    for step in (1, 2):
+        for key in ("loss", "mtp_loss", "balance_loss", "total_loss", "grad_norm"):
+            tol = GRAD_NORM_RTOL if key == "grad_norm" else RTOL
+            assert math.isclose(got[step][key], want[step][key], rel_tol=tol), (step, key, got[step][key], want[step][key])
+    _check_checkpoint_against(ref / "checkpoints" / "step-000002", out / "checkpoints" / "step-000002")
+
+
+def test_pp_fsdp_refuses_tied_embeddings(tmp_path):
+    from frugalm.train.config import load_run_config
+    from frugalm.train.trainer import Trainer
+
+    cfg = load_run_config("tiny", ["parallel.pp=2", "parallel.dp_mode=fsdp", "model.tie_word_embeddings=true"])
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        Trainer(cfg, tmp_path / "run")

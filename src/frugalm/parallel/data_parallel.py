@@ -261,17 +261,15 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
     return layers + mtp
 
 
-def apply_fsdp(model: nn.Module, mesh: ParallelMesh, reshard_after_forward: bool = True) -> nn.Module:
-    """FSDP2 over ``dp_ep`` for non-expert parameters and over ``dp`` for EP expert blocks."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+def shard_expert_blocks(blocks: list[nn.Module], mesh: ParallelMesh,
+                        reshard_after_forward: bool) -> set[nn.Parameter]:
+    """FSDP2 over ``dp`` for EP expert blocks (gradient divide factor ``dp*ep``); with ``dp == 1`` the
+    experts are unique to this rank and only get the ``1/ep`` scale hook. Returns those unsharded
+    expert parameters: enclosing FSDP units must ignore them (``ignored_params``)."""
+    from torch.distributed.fsdp import fully_shard
 
-    ep_modules = expert_parallel_modules(model)
-    experts = expert_parameters(model)
-    broadcast_from_first([p for p in model.parameters() if p not in experts] + list(model.buffers()),
-                         mesh.group("dp_ep"))
-    broadcast_from_first(list(experts), mesh.group("dp"))
-    unsharded_experts: set[nn.Parameter] = set()
-    for block in ep_modules.values():
+    unsharded: set[nn.Parameter] = set()
+    for block in blocks:
         if mesh.dp > 1:
             fully_shard(block, mesh=mesh.device_mesh("dp"), reshard_after_forward=reshard_after_forward)
             block.set_gradient_divide_factor(float(mesh.dp * mesh.ep))
@@ -279,7 +277,20 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, reshard_after_forward: bool
                 block.set_force_sum_reduction_for_comms(True)
         else:  # experts are unique to this rank: nothing to reduce, only the 1/ep of the mean loss
             _scale_grad_hooks(list(block.parameters()), 1.0 / mesh.ep)
-            unsharded_experts.update(block.parameters())
+            unsharded.update(block.parameters())
+    return unsharded
+
+
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2 over ``dp_ep`` for non-expert parameters and over ``dp`` for EP expert blocks."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    experts = expert_parameters(model)
+    broadcast_from_first([p for p in model.parameters() if p not in experts] + list(model.buffers()),
+                         mesh.group("dp_ep"))
+    broadcast_from_first(list(experts), mesh.group("dp"))
+    unsharded_experts = shard_expert_blocks(list(expert_parallel_modules(model).values()), mesh,
+                                            reshard_after_forward)
     if mesh.group("dp_ep") is None:
         return model
     dp_ep = mesh.device_mesh("dp_ep")

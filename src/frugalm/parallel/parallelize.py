@@ -10,7 +10,9 @@ Pipeline parallelism (``pp > 1``): `parallelize` is applied to the whole model o
 `frugalm.parallel.pipeline_model.split_model` cuts it into stages that share its modules, each rank
 releases the parameters of the stages it does not run (`PipelineReplicas.release_unheld`), and the
 trainer turns the DDP hooks off and reduces its held gradients over dp x ep once per step, after the
-pipeline (`restrict_gradient_sync`).
+pipeline (`restrict_gradient_sync`). Under ``dp_mode = "fsdp"`` the data-parallel part waits until
+then: ``parallelize(..., data_parallel=False)`` applies expert parallelism only, and
+`frugalm.parallel.pipeline_fsdp.shard_pipeline_stages` shards just the held stages.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from frugalm.parallel.mesh import ParallelMesh
 log = logging.getLogger(__name__)
 
 
-def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig) -> nn.Module:
+def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, *,
+                data_parallel: bool = True) -> nn.Module:
     """Shard experts over ``ep`` and replicate/shard the rest over ``dp x ep``; in place, returned.
+
+    ``data_parallel=False``: expert parallelism only (a pipelined FSDP run shards its stages later).
 
     ``model`` must already hold its initial (or loaded) weights, identical on every rank up to the
     broadcast data parallelism does from each group's first rank; or load them afterwards with
@@ -44,5 +49,6 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig) -> nn
         if mesh.ep > 1 and mesh.rank == 0:
             log.info(placement.describe())
     apply_expert_parallel(model, mesh.group("ep"))
-    apply_data_parallel(model, mesh, cfg)
+    if data_parallel:
+        apply_data_parallel(model, mesh, cfg)
     return model

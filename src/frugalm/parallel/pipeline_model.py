@@ -236,6 +236,40 @@ class PipelineReplicas:
         self.shared = sorted((p for p, r in self.holders.items() if len(r) > 1 and not covered[p]),
                              key=lambda p: names[p])
         self.copies = {p: len(r) for p, r in self.holders.items()}
+        # FSDP under pp (`rebind`): (dp*ep, dp_ep rank) -- gradients of held parameters are then local
+        # dim-0 shards, and a rank not holding a shared parameter contributes zeros of the shard's shape
+        self.shard: Optional[tuple[int, int]] = None
+
+    def rebind(self, model: nn.Module, shard: Optional[tuple[int, int]] = None) -> None:
+        """Point every record at ``model``'s current parameter objects, found by name.
+
+        `frugalm.parallel.pipeline_fsdp.shard_pipeline_stages` replaces the held parameters by FSDP's
+        sharded DTensor parameters (new objects); ``shard`` = (dp*ep ranks, this rank's index) then says
+        how their gradients are cut.
+        """
+        current = dict(model.named_parameters())
+        new = {old: current.get(name, old) for old, name in self.names.items()}
+        self.names = {new[p]: n for p, n in self.names.items()}
+        self.holders = {new[p]: r for p, r in self.holders.items()}
+        self.held = [new[p] for p in self.held]
+        self.shared = [new[p] for p in self.shared]
+        self.copies = {new[p]: c for p, c in self.copies.items()}
+        self.shard = shard
+
+    def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
+        """This rank's part of ``p``'s gradient (its FSDP shard), zeros of that shape if it has none."""
+        from torch.distributed.tensor import DTensor
+
+        held = self.pp_rank in self.holders[p]
+        if held and p.grad is not None:
+            g = p.grad
+            return g.to_local() if isinstance(g, DTensor) else g
+        shape = tuple(p.shape)
+        if self.shard is not None:  # FSDP2 keeps chunk ``rank`` of torch.chunk(dim 0), empty past the last
+            size, rank = self.shard
+            chunks = torch.empty(shape, device="meta").chunk(size, dim=0)
+            shape = tuple(chunks[rank].shape) if rank < len(chunks) else (0, *shape[1:])
+        return torch.zeros(shape, dtype=p.dtype, device=self.device)
 
     def held_names(self) -> set[str]:
         return {self.names[p] for p in self.held}
@@ -244,19 +278,28 @@ class PipelineReplicas:
     def reduce_shared_grads(self) -> None:
         if self.group is None or not self.shared:
             return
-        # a rank not holding p (its storage released to meta) contributes zeros of p's shape
-        flat = torch.cat([(p.grad if (p.grad is not None and self.pp_rank in self.holders[p]) else
-                           torch.zeros(p.shape, dtype=p.dtype, device=self.device)).reshape(-1).float()
-                          for p in self.shared]).to(self.device)
+        # a rank not holding p (its storage released to meta) contributes zeros of p's (shard's) shape;
+        # under FSDP the pp ranks of one dp x ep index hold the same shard, so shards are summed
+        from torch.distributed.tensor import DTensor
+
+        local = [self._local_grad(p) for p in self.shared]
+        flat = torch.cat([g.reshape(-1).float() for g in local]).to(self.device)
         try:
             dist.all_reduce(flat, group=self.group)
         except RuntimeError as e:
             raise collective_error("pipeline shared-parameter gradient all-reduce", self.group, e) from e
         start = 0
-        for p in self.shared:
-            view = flat[start:start + p.numel()].view_as(p).to(p.dtype)
-            start += p.numel()
-            if self.pp_rank in self.holders[p]:
+        for p, g in zip(self.shared, local):
+            view = flat[start:start + g.numel()].view_as(g).to(p.dtype)
+            start += g.numel()
+            if self.pp_rank not in self.holders[p]:
+                continue
+            if isinstance(p.grad, DTensor):
+                p.grad.to_local().copy_(view)
+            elif isinstance(p, DTensor):  # held and sharded, but no gradient here: build the sharded grad
+                p.grad = DTensor.from_local(view.clone(), p.device_mesh, p.placements,
+                                            shape=p.shape, stride=p.stride())
+            else:
                 p.grad = view.clone()
 
     def owned_names(self) -> set[str]:

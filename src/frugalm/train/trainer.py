@@ -165,8 +165,12 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of the parameter storage this process holds (meta tensors, e.g. other pipeline stages, are 0)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    """Bytes of the parameter storage this process holds (meta tensors, e.g. other pipeline stages, are 0;
+    an FSDP parameter counts its local shard)."""
+    from torch.distributed.tensor import DTensor
+
+    local = (p.to_local() if isinstance(p, DTensor) else p for p in model.parameters())  # FSDP: own shard
+    return sum(t.numel() * t.element_size() for t in local if t.device.type != "meta")
 
 
 def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
@@ -227,8 +231,10 @@ class Trainer:
         # A plain single process keeps mesh = None and the exact single-process path below.
         self.mesh = None
         self.pipe = None  # the pipeline part of the run when parallel.pp > 1 (`_setup_pipeline`)
-        if cfg.parallel.pp > 1 and cfg.parallel.dp_mode == "fsdp":
-            raise ConfigError("[parallel] pp > 1 supports dp_mode = 'ddp' only (FSDP-sharded stages are not wired)")
+        if cfg.parallel.pp > 1 and cfg.parallel.dp_mode == "fsdp" and cfg.model.tie_word_embeddings:
+            raise ConfigError("[parallel] pp > 1 with dp_mode = 'fsdp' does not support model.tie_word_embeddings: "
+                              "the embedding and the LM head are separate FSDP units of the pipeline stages "
+                              "(see frugalm.parallel.pipeline_fsdp); use dp_mode = 'ddp' or untied weights")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel.dp > 1 or cfg.parallel.ep > 1 \
                 or cfg.parallel.pp > 1:
             from frugalm.parallel.mesh import init_distributed
@@ -275,14 +281,17 @@ class Trainer:
         if self.mesh is not None:  # after init on the full model (same seed everywhere), before AdamW
             from frugalm.parallel.parallelize import parallelize
 
-            self.model = parallelize(self.model, self.mesh, cfg.parallel)
+            # pp x FSDP: only the held stages are sharded, after the pipeline split (`_setup_pipeline`)
+            self.model = parallelize(self.model, self.mesh, cfg.parallel,
+                                     data_parallel=not (self.mesh.pp > 1 and cfg.parallel.dp_mode == "fsdp"))
             self.say(f"parallel: {self.mesh.describe()}")
         self.model.train()
         self.moe = moe_modules(self.model)
         self.loads = ExpertLoadTracker(self.moe)
-        named_params = list(self.model.named_parameters())
         if self.mesh is not None and self.mesh.pp > 1:
             self._setup_pipeline()
+        named_params = list(self.model.named_parameters())  # after FSDP: its sharded parameters
+        if self.pipe is not None:
             held = self.pipe.replicas.held_names()
             named_params = [(n, p) for n, p in named_params if n in held]  # only this rank's stages
         self.optimizer = AdamW(
@@ -408,12 +417,22 @@ class Trainer:
         replicas = PipelineReplicas(self.model, stages, schedule, mesh.pp_rank, mesh.group("pp"))
         # This rank keeps only its stages' weights: the others' storage is freed (parameters move to meta).
         replicas.release_unheld()
-        # Gradients are reduced over dp x ep once per optimizer step, after the pipeline (DDP hooks off),
-        # and only for the parameters this rank holds.
-        set_gradient_sync(self.model, False)
-        restrict_gradient_sync(self.model, set(replicas.held))
+        fsdp = None
+        if self.cfg.parallel.dp_mode == "fsdp":
+            # FSDP2 over dp x ep for the held stages only; one reduce-scatter per unit and step
+            from frugalm.parallel.pipeline_fsdp import shard_pipeline_stages
+
+            fsdp = shard_pipeline_stages(self.model, mine, mesh, schedule, self.cfg.parallel.reshard_after_forward)
+            replicas.rebind(self.model, (mesh.data_parallel_size, mesh.dp_ep_rank))
+            self.say(f"pipeline: FSDP2 over dp x ep = {mesh.data_parallel_size} ranks per stage, "
+                     f"reshard_after_forward={fsdp.reshard_after_forward}")
+        else:
+            # Gradients are reduced over dp x ep once per optimizer step, after the pipeline (DDP hooks off),
+            # and only for the parameters this rank holds.
+            set_gradient_sync(self.model, False)
+            restrict_gradient_sync(self.model, set(replicas.held))
         last = next((m for m in mine.values() if m.last), None)
-        self.pipe = _Pipeline(schedule, stages, mine, runner, replicas, last)
+        self.pipe = _Pipeline(schedule, stages, mine, runner, replicas, last, fsdp)
         self.say(f"pipeline: {schedule.name}, {mesh.pp} ranks, {schedule.num_stages} stages, "
                  f"{pc.micro_batches} micro-batches; decoder layers per stage "
                  f"{[len(s.layer_ids) for s in stages]} (+ MTP/head on the last)")
@@ -492,10 +511,14 @@ class Trainer:
             stage.grad_scale = 1.0 / (M * tc.grad_accum)
         criterion = pipe.last.loss if pipe.last is not None else _no_loss
         tokens = 0
+        if pipe.fsdp is not None:
+            pipe.fsdp.begin_step()
         for _ in range(tc.grad_accum):
             batch = self.next_batch()
             pipe.runner.step(batch[:, :-1], batch, criterion, loss_scale=1.0 / tc.grad_accum)
             tokens += batch.shape[0] * (batch.shape[1] - 1)
+        if pipe.fsdp is not None:  # one reduce-scatter per FSDP unit: sharded gradients from here on
+            pipe.fsdp.finish_step()
         # losses: each (micro-batch, stage) was computed on exactly one rank -> sum over pp, mean over dp x ep
         keys = ["loss"] + (["mtp_loss"] if len(self.model.mtp) and tc.seq_len > 1 else []) + \
             (["balance_loss"] if self.cfg.model.aux_loss_alpha > 0 and self.moe else [])
@@ -659,8 +682,12 @@ class Trainer:
         from frugalm.parallel.pipeline_model import pipeline_eval_loss
 
         pipe = self.pipe
-        return pipeline_eval_loss(pipe.mine, pipe.schedule, self.mesh.pp_rank, self._group("pp"), batch,
-                                  hidden_dtype=pipe.runner.hidden_dtype, hidden_size=self.cfg.model.hidden_size)
+        try:
+            return pipeline_eval_loss(pipe.mine, pipe.schedule, self.mesh.pp_rank, self._group("pp"), batch,
+                                      hidden_dtype=pipe.runner.hidden_dtype, hidden_size=self.cfg.model.hidden_size)
+        finally:
+            if pipe.fsdp is not None:  # forward-only: free what FSDP gathered
+                pipe.fsdp.reshard()
 
     # ------------------------------------------------------------------ checkpoints
     def _pipeline_full_state(self, optimizer_tensors: Optional[dict[str, torch.Tensor]] = None
@@ -1044,6 +1071,7 @@ class _Pipeline:
     runner: Any  # frugalm.parallel.pipeline.PipelineRunner
     replicas: Any  # frugalm.parallel.pipeline_model.PipelineReplicas
     last: Any  # this rank's copy of the last stage, or None
+    fsdp: Any = None  # frugalm.parallel.pipeline_fsdp.PipelineFSDP under dp_mode = "fsdp"
 
 
 def train(
