@@ -175,3 +175,23 @@ def test_python_task_file(tmp_path):
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(TaskError, match="unknown task 'multiplication'"):
         load_task(TaskConfig(name="multiplication"))
+
+
+def test_hinted_addition_length_diversity_split():
+    """The 1..6 -> 7 setting of BENCHMARKS.md: every training length occurs, held-out is strictly longer,
+    the hints fit the alphabet with a carry-out place, and generation is deterministic."""
+    from frugalm.reason.tasks.addition import LETTERS, parse_hinted
+
+    task = AdditionTask(min_size=1, max_size=6, heldout_size=7, notation="hinted")
+
+    def length(ex):
+        return max(len(str(ex.columns["a"])), len(str(ex.columns["b"])))
+
+    train = task.examples("train", 300, 0)
+    held = task.examples("heldout", 100, 0)
+    assert train == task.examples("train", 300, 0) and held == task.examples("heldout", 100, 0)
+    assert {length(e) for e in train} == set(range(1, 7)) and {length(e) for e in held} == {7}
+    for ex in train + held:
+        assert ex.columns["offset"] + length(ex) + 1 <= len(LETTERS)
+        assert parse_hinted(ex.answer) == (ex.columns["a"] + ex.columns["b"], ex.columns["offset"])
+        assert task.check(ex.answer, ex.row()) and not task.check(ex.answer[2:] or "x", ex.row())
