@@ -16,9 +16,11 @@ prints for every schedule:
 * the same fraction predicted by the table formula and by the simulator, both fed with the chunk
   times (F, B, W, F&B) measured in this run.
 
-On CPU an "overlapped" F&B pair runs its forward and backward back to back (there is no second
-stream to overlap them on), and the input/weight split of a backward costs some extra graph work, so
-the measured F&B and B_in+W are used as they are. Keep ``--pp`` at or below the number of free cores:
+By default an "overlapped" F&B pair runs its forward and backward back to back; a schedule named
+``<name>+overlap`` (e.g. ``dualpipev+overlap``) runs them at once, the backward on a second thread
+(`PipelineConfig.overlap`), and the script also prints how much of the F&B slots' time both halves were
+running ("both"). The input/weight split of a backward costs some extra graph work on CPU, so the
+measured F&B and B_in+W are used as they are. Keep ``--pp`` at or below the number of free cores:
 with more processes than cores, one rank's bubble is filled by another rank's work and the idle
 fraction means nothing.
 
@@ -63,7 +65,7 @@ def _worker(rank: int, world: int, store: str, out: str, args: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from frugalm.parallel.pipeline import run_pipeline_step
+    from frugalm.parallel.pipeline import PipelineRunner
     from frugalm.parallel.schedules import build_schedule
 
     torch.set_num_threads(1)
@@ -75,26 +77,34 @@ def _worker(rank: int, world: int, store: str, out: str, args: dict) -> None:
     y = torch.randn(micro, tokens, dim, generator=g)
     plans = {}
     for name in args["schedules"]:
-        sched = build_schedule(name, world, micro)
-        plans[name] = (sched, {s: _build_stage(s, sched.num_stages, args["blocks"], dim) for s in sched.stages_on(rank)})
+        sched = build_schedule(name.removesuffix("+overlap"), world, micro)
+        stages = {s: _build_stage(s, sched.num_stages, args["blocks"], dim) for s in sched.stages_on(rank)}
+        runner = PipelineRunner(sched, stages, hidden_shape=(1, tokens, dim), hidden_dtype=torch.float32,
+                                device="cpu", timeout_s=300, overlap=name.endswith("+overlap"))
+        plans[name] = (runner, stages)
     results: dict[str, list] = {name: [] for name in plans}
     # round-robin over schedules so a burst of load from other processes hits all of them alike
     for step in range(args["warmup"] + args["steps"]):
-        for name, (sched, stages) in plans.items():
+        for name, (runner, stages) in plans.items():
             for m in stages.values():
                 m.zero_grad(set_to_none=True)
             trace: list = []
             dist.barrier()
             t0, c0 = time.perf_counter(), time.process_time()
-            run_pipeline_step(sched, stages, x, y, torch.nn.functional.mse_loss, hidden_shape=(1, tokens, dim),
-                              hidden_dtype=torch.float32, device="cpu", timeout_s=300, trace=trace)
+            runner.step(x, y, torch.nn.functional.mse_loss, trace=trace)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            # F&B slots run on two threads: seconds both halves ran at once, and the slots' total
+            both = sum(max(0.0, min(f1, b1) - max(f0, b0)) for f0, f1, b0, b1 in runner.last_overlap)
+            slots = sum(max(f1, b1) - min(f0, b0) for f0, f1, b0, b1 in runner.last_overlap)
             stats = torch.tensor([wall, cpu / wall])
             dist.all_reduce(stats[:1], op=dist.ReduceOp.MAX)
             dist.all_reduce(stats[1:], op=dist.ReduceOp.SUM)
             if step >= args["warmup"]:
                 results[name].append({"wall": stats[0].item(), "cpu_share": stats[1].item() / world,
+                                      "both_s": both, "slots_s": slots,
                                       "spans": [(s.kind, s.label, s.start, s.end, s.stage) for s in trace]})
+    for runner, _ in plans.values():
+        runner.close()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
@@ -146,7 +156,7 @@ def main() -> None:
     from frugalm.parallel.sim import ChunkTimes, plot_timeline, simulate, table_bubble
 
     for name in cfg["schedules"]:
-        build_schedule(name, args.pp, args.micro)  # fail fast on constraint errors
+        build_schedule(name.removesuffix("+overlap"), args.pp, args.micro)  # fail fast on constraint errors
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "torch.distributed", "frugalm.parallel.pipeline"])
@@ -177,9 +187,10 @@ def main() -> None:
         w = m["W"] if m["W"] == m["W"] else 0.0
         fb = m["FB"] if m["FB"] == m["FB"] else None
         times = ChunkTimes(f=m["F"], b=max(b_full, w), w=w, fb=fb)
-        sched = build_schedule(name, args.pp, args.micro)
+        base_name = name.removesuffix("+overlap")
+        sched = build_schedule(base_name, args.pp, args.micro)
         busy = m["makespan"] - m["bubble"]
-        formula = table_bubble(name, args.pp, times)
+        formula = table_bubble(base_name, args.pp, times)
         sim = simulate(sched, times)
         step = statistics.median(walls)
         base = step if name == "1f1b" else base
@@ -188,13 +199,17 @@ def main() -> None:
         spread = f"({min(ratios):.3f}-{max(ratios):.3f})" if ratios else "-"
         ms = " / ".join("-" if v != v else f"{1e3 * v:.1f}" for v in (m["F"], m["B"], m["B_in"], m["W"], m["FB"]))
         share = per_rank[0][name][median_i]["cpu_share"]
+        both = sum(per_rank[r][name][i]["both_s"] for r in range(args.pp) for i in range(args.steps))
+        slots = sum(per_rank[r][name][i]["slots_s"] for r in range(args.pp) for i in range(args.steps))
+        overlap = f"   both {both / slots:.0%} of F&B slot time" if slots else ""
         print(f"{name:10} {step:8.3f} {f'({min(walls):.3f}-{max(walls):.3f})':>13} {ratio} {spread:>13} {share:8.2f} "
-              f"{m['fraction']:10.1%} {formula / (formula + busy):8.1%} {sim.bubble_fraction:6.1%}   {ms}")
+              f"{m['fraction']:10.1%} {formula / (formula + busy):8.1%} {sim.bubble_fraction:6.1%}   {ms}{overlap}")
         summary[name] = {"step_s": step, "step_min_max": [min(walls), max(walls)],
                          "paired_ratio_median": statistics.median(ratios) if ratios else None,
                          "paired_ratio_min_max": [min(ratios), max(ratios)] if ratios else None,
                          "idle_measured": m["fraction"], "idle_formula": formula / (formula + busy),
-                         "idle_sim": sim.bubble_fraction, "cpu_share": share}
+                         "idle_sim": sim.bubble_fraction, "cpu_share": share,
+                         "fb_both_running": both / slots if slots else None}
         if args.png_dir:
             out = plot_timeline(timeline, Path(args.png_dir) / f"measured-{name}-pp{args.pp}-m{args.micro}.png",
                                 f"measured {name} pp={args.pp} micro={args.micro} (gloo, CPU)")

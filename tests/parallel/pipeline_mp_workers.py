@@ -101,25 +101,27 @@ def _init(rank: int, world: int, store: str, timeout_s: float, device: torch.dev
 def equivalence_worker(rank: int, world: int, store: str, out_dir: str, cases: list[tuple[str, int, int]],
                        device_type: str = "cpu") -> None:
     """Per (schedule, micro, steps) case, accumulate ``steps`` pipeline steps; save loss + stage grads."""
-    from frugalm.parallel.pipeline import run_pipeline_step
+    from frugalm.parallel.pipeline import PipelineRunner
     from frugalm.parallel.schedules import build_schedule
 
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     try:
         _init(rank, world, store, timeout_s=60, device=device)
         for name, micro, steps in cases:
-            sched = build_schedule(name, world, micro)
+            # "<schedule>+overlap": F&B slots run their forward and backward on two threads at once
+            sched = build_schedule(name.removesuffix("+overlap"), world, micro)
             stages = {s: build_stage(s, sched.num_stages).to(device) for s in sched.stages_on(rank)}
             batch = 2 * micro
             ids, labels = make_batch(batch)
+            runner = PipelineRunner(sched, stages, hidden_shape=(batch // micro, SEQ, DIM),
+                                    hidden_dtype=torch.float32, device=device, timeout_s=60,
+                                    overlap=name.endswith("+overlap"))
             for _ in range(steps):  # no zero_grad in between: gradients accumulate like a backward()
-                loss = run_pipeline_step(
-                    sched, stages, ids, labels, criterion,
-                    hidden_shape=(batch // micro, SEQ, DIM), hidden_dtype=torch.float32,
-                    device=device, timeout_s=60,
-                )
+                loss = runner.step(ids, labels, criterion)
+            runner.close()
             grads = {s: {n: p.grad.cpu() for n, p in m.named_parameters()} for s, m in stages.items()}
-            torch.save({"loss": loss.item(), "grads": grads}, Path(out_dir) / f"{name}-{micro}-{steps}-rank{rank}.pt")
+            torch.save({"loss": loss.item(), "grads": grads, "overlapped_slots": len(runner.last_overlap)},
+                       Path(out_dir) / f"{name}-{micro}-{steps}-rank{rank}.pt")
         dist.destroy_process_group()
     except Exception:
         (Path(out_dir) / f"error-rank{rank}.txt").write_text(traceback.format_exc())

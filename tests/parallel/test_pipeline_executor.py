@@ -20,9 +20,12 @@ pytestmark = pytest.mark.multiproc
 
 # (schedule, micro-batches, accumulated steps): two steps check that gradients held before a step
 # survive DualPipe's mirrored-copy exchange exactly once
+# "+overlap": each F&B slot's forward and backward run concurrently on two threads (`PipelineConfig.overlap`)
 CASES = {
-    2: [("1f1b", 4, 1), ("zb1p", 4, 1), ("dualpipe", 4, 1), ("dualpipev", 4, 1), ("1f1b", 1, 1), ("dualpipe", 6, 2)],
-    4: [("1f1b", 8, 1), ("zb1p", 6, 1), ("dualpipe", 8, 1), ("dualpipev", 8, 1), ("dualpipe", 8, 2)],
+    2: [("1f1b", 4, 1), ("zb1p", 4, 1), ("dualpipe", 4, 1), ("dualpipev", 4, 1), ("1f1b", 1, 1), ("dualpipe", 6, 2),
+        ("dualpipev+overlap", 4, 1), ("dualpipe+overlap", 6, 2)],
+    4: [("1f1b", 8, 1), ("zb1p", 6, 1), ("dualpipe", 8, 1), ("dualpipev", 8, 1), ("dualpipe", 8, 2),
+        ("dualpipe+overlap", 8, 1)],
 }
 
 
@@ -52,22 +55,27 @@ def _launch(target, world: int, args: tuple, tmp: Path, join_s: float) -> list[i
 
 def _check_against_reference(world: int, cases: list[tuple[str, int, int]], tmp_path: Path,
                              rtol: float, atol: float) -> None:
-    from frugalm.parallel.schedules import build_schedule
+    from frugalm.parallel.schedules import Overlapped, build_schedule
 
     for name, micro, steps in cases:
-        sched = build_schedule(name, world, micro)
+        sched = build_schedule(name.removesuffix("+overlap"), world, micro)
         ref_loss, ref_grads = workers.reference(sched.num_stages, 2 * micro)
         checked = set()
         for rank in range(world):
             got = torch.load(tmp_path / f"{name}-{micro}-{steps}-rank{rank}.pt", weights_only=True)
             assert got["loss"] == pytest.approx(ref_loss, rel=rtol, abs=atol), (name, rank)
+            # with overlap on, every F&B slot of the rank's last step ran on two threads
+            slots = sum(isinstance(a, Overlapped) for a in sched.actions[rank])
+            assert got["overlapped_slots"] == (slots if name.endswith("+overlap") else 0), (name, rank)
+            if name.endswith("+overlap"):
+                assert slots > 0, name
             for stage, grads in got["grads"].items():
                 for pname, g in grads.items():
                     torch.testing.assert_close(g, steps * ref_grads[stage][pname], rtol=rtol, atol=atol,
                                                msg=lambda m: f"{name} pp={world} stage {stage} {pname}: {m}")
                 checked.add((stage, rank))
         # every stage copy was compared: DualPipe holds each stage on two ranks
-        copies = 2 if name == "dualpipe" else 1
+        copies = 2 if name.removesuffix("+overlap") == "dualpipe" else 1
         assert len(checked) == sched.num_stages * copies
 
 

@@ -237,6 +237,37 @@ def test_pp2_times_dp2_or_ep2_on_four_processes_matches_single_process(setup, ax
     _check_against_reference(root, out, [1, 2])
 
 
+def test_pp2_ep2_dualpipev_with_overlapped_forward_backward_matches_single_process(setup):
+    """DualPipeV with `pipeline.overlap`: each F&B slot's forward and backward run at once on two threads,
+    each with expert-parallel all-to-alls (forward over the ep group, backward over its twin group).
+    Losses and gradient norms equal a single process on the same 8-sequence batches."""
+    root, config, _ = setup
+    ref = root / "single-b8"
+    proc = _single("--config", str(config), "--out", str(ref), "--set", "train.batch_size=8", "--set", "train.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = root / "pp2ep2-dualpipev-overlap"
+    proc = _torchrun(4, "--config", str(config), "--out", str(out), "--set", "parallel.pp=2", "--set", "parallel.ep=2",
+                     "--set", "pipeline.schedule=dualpipev", "--set", "pipeline.micro_batches=4",
+                     "--set", "pipeline.overlap=true", "--set", "train.batch_size=4", "--set", "train.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "F&B overlapped on two threads" in proc.stdout + proc.stderr
+    want, got = _records(ref), _records(out)
+    assert sorted(got) == [1, 2]
+    for step in (1, 2):
+        for key in ("loss", "mtp_loss", "balance_loss", "grad_norm"):
+            tol = GRAD_NORM_RTOL if key == "grad_norm" else RTOL
+            assert math.isclose(got[step][key], want[step][key], rel_tol=tol), (step, key, got[step][key], want[step][key])
+
+
+def test_pipeline_overlap_refuses_fsdp(tmp_path):
+    from frugalm.train.config import load_run_config
+    from frugalm.train.trainer import Trainer
+
+    cfg = load_run_config("tiny", ["parallel.pp=2", "parallel.dp_mode=fsdp", "pipeline.overlap=true"])
+    with pytest.raises(ConfigError, match="overlap = true needs"):
+        Trainer(cfg, tmp_path / "run")
+
+
 # ---------------------------------------------------------------------------------------- pp x FSDP2
 # Weights and AdamW moments of a distributed run's checkpoint against the single-process one. The fp32
 # gradients differ only in summation order (~1e-7 relative), but AdamW divides by sqrt(v) + 1e-8, so an

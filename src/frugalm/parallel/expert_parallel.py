@@ -18,6 +18,9 @@ with tokens sorted by *global* expert id. Inside, one call is
 Both all-to-alls are an autograd Function (`all_to_all`) whose backward is the reverse exchange, so
 gradients of the tokens flow back to their own ranks and the expert weights accumulate the gradient of
 every rank's tokens. Gradient *averaging* is data parallelism's job (`frugalm.parallel.data_parallel`).
+The backward exchanges may use a second group over the same ranks (``backward_group``): DualPipe's
+overlapped F&B runs one micro-batch's forward and another's backward at once on two threads, and
+collectives of two threads sharing one group could pair up in different orders on different ranks.
 
 The router runs before dispatch on each rank's own tokens, so `MoE.last_expert_counts` stays a local
 count; `global_expert_counts` / `all_reduce_counts` sum it over the ranks that see different tokens.
@@ -39,14 +42,15 @@ class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with uneven splits; the gradient is the same exchange in reverse."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup,
+                backward_group: dist.ProcessGroup):
+        ctx.splits, ctx.group = (out_splits, in_splits), backward_group
         return _exchange(x, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out_splits, in_splits = ctx.splits
-        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
+        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None, None
 
 
 def _exchange(x: torch.Tensor, out_splits: Optional[list[int]], in_splits: Optional[list[int]],
@@ -61,9 +65,12 @@ def _exchange(x: torch.Tensor, out_splits: Optional[list[int]], in_splits: Optio
     return out
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> torch.Tensor:
-    """Send rows ``x[sum(in_splits[:r]) : ...]`` to rank r of ``group``; receive ``out_splits[r]`` rows from r."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup,
+               backward_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Send rows ``x[sum(in_splits[:r]) : ...]`` to rank r of ``group``; receive ``out_splits[r]`` rows from r.
+
+    The gradient goes back over ``backward_group`` (same ranks, same order; default ``group``)."""
+    return _AllToAll.apply(x, out_splits, in_splits, group, backward_group or group)
 
 
 class ExpertParallelExperts(GroupedExperts):
@@ -73,7 +80,8 @@ class ExpertParallelExperts(GroupedExperts):
     ``ep_rank*E/ep ...`` of the full stacked tensors. `frugalm.parallel.checkpoint` gathers them back.
     """
 
-    def __init__(self, experts: GroupedExperts, group: dist.ProcessGroup):
+    def __init__(self, experts: GroupedExperts, group: dist.ProcessGroup,
+                 backward_group: Optional[dist.ProcessGroup] = None):
         E = experts.n_experts
         ep, ep_rank = dist.get_world_size(group), dist.get_rank(group)
         if E % ep:
@@ -88,6 +96,9 @@ class ExpertParallelExperts(GroupedExperts):
             setattr(self, name, nn.Parameter(full.detach()[rows].clone(), requires_grad=full.requires_grad))
         self.linear_fn = experts.linear_fn
         self.group = group
+        self.backward_group = backward_group or group  # the dispatch/combine gradients' exchanges
+        if dist.get_process_group_ranks(self.backward_group) != dist.get_process_group_ranks(group):
+            raise ValueError("backward_group must hold the same ranks as group, in the same order")
         self.ep_size, self.ep_rank = ep, ep_rank
         self.n_global_experts = E
         self.first_expert = ep_rank * n_local
@@ -108,7 +119,7 @@ class ExpertParallelExperts(GroupedExperts):
         send_splits = counts.view(ep, n_local).sum(1).tolist()
         recv_splits = recv.sum(1).tolist()
         # 2. dispatch
-        x_recv = all_to_all(x_sorted, recv_splits, send_splits, self.group)
+        x_recv = all_to_all(x_sorted, recv_splits, send_splits, self.group, self.backward_group)
         # 3. regroup (source rank, expert) blocks by expert; stable, so each source's order is kept
         perm = None
         if ep > 1 and n_local > 1:
@@ -129,7 +140,7 @@ class ExpertParallelExperts(GroupedExperts):
             inverse[perm] = torch.arange(perm.numel(), device=perm.device)
             y_local = y_local[inverse]
         # 4. combine: back to the ranks and positions the rows came from
-        return all_to_all(y_local, send_splits, recv_splits, self.group)
+        return all_to_all(y_local, send_splits, recv_splits, self.group, self.backward_group)
 
 
 def expert_parallel_modules(model: nn.Module) -> dict[str, ExpertParallelExperts]:
@@ -137,17 +148,19 @@ def expert_parallel_modules(model: nn.Module) -> dict[str, ExpertParallelExperts
     return {name: m for name, m in model.named_modules() if isinstance(m, ExpertParallelExperts)}
 
 
-def apply_expert_parallel(model: nn.Module, ep_group: Optional[dist.ProcessGroup]) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, ep_group: Optional[dist.ProcessGroup],
+                          backward_group: Optional[dist.ProcessGroup] = None) -> nn.Module:
     """Replace every MoE's `experts` (main layers and MTP blocks) by its EP shard; in place, returned.
 
     A None group (ep = 1) leaves the model unchanged. Apply before data parallelism, which treats the
-    EP-sharded parameters differently (see `frugalm.parallel.data_parallel`).
+    EP-sharded parameters differently (see `frugalm.parallel.data_parallel`). ``backward_group``: see
+    the module docstring (pipelines whose F&B slots overlap).
     """
     if ep_group is None or dist.get_world_size(ep_group) == 1:
         return model
     for module in model.modules():
         if isinstance(module, MoE) and not isinstance(module.experts, ExpertParallelExperts):
-            module.experts = ExpertParallelExperts(module.experts, ep_group)
+            module.experts = ExpertParallelExperts(module.experts, ep_group, backward_group)
     return model
 
 

@@ -84,6 +84,9 @@ class ParallelMesh:
     backend: str = "gloo"
     timeout_s: float = 300.0
     groups: dict[str, Optional[dist.ProcessGroup]] = field(default_factory=dict)
+    # A second group over this rank's ep ranks (pp > 1 only): expert-parallel backward all-to-alls, so
+    # a pipeline's overlapped forward and backward chunks never share a group (`PipelineConfig.overlap`).
+    ep_backward_group: Optional[dist.ProcessGroup] = None
     _device_meshes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -228,8 +231,14 @@ def init_distributed(
             g = dist.new_group(ranks, timeout=timeout, backend=backend, group_desc=f"frugalm_{axis}")
             if rank in ranks:
                 groups[axis] = g
+    ep_backward = None
+    if pp > 1 and ep > 1:
+        for ranks in axis_ranks(pp, dp, ep, "ep"):
+            g = dist.new_group(ranks, timeout=timeout, backend=backend, group_desc="frugalm_ep_backward")
+            if rank in ranks:
+                ep_backward = g
     return ParallelMesh(pp=pp, dp=dp, ep=ep, rank=rank, device=device, backend=backend,
-                        timeout_s=cfg.timeout_s, groups=groups)
+                        timeout_s=cfg.timeout_s, groups=groups, ep_backward_group=ep_backward)
 
 
 def shutdown_distributed() -> None:

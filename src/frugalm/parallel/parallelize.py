@@ -48,7 +48,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, *,
         placement: ExpertPlacement = placement_for(model_cfg, cfg)
         if mesh.ep > 1 and mesh.rank == 0:
             log.info(placement.describe())
-    apply_expert_parallel(model, mesh.group("ep"))
+    apply_expert_parallel(model, mesh.group("ep"), mesh.ep_backward_group)
     if data_parallel:
         apply_data_parallel(model, mesh, cfg)
     return model

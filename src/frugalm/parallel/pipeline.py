@@ -3,7 +3,8 @@
 Each rank walks its own list from `frugalm.parallel.schedules` with the same communication rule the
 simulator models (see `frugalm.parallel.schedules.actions`): receives and sends posted since the last
 compute are launched as one ``batch_isend_irecv`` before the next compute; F, B and F&B wait for all
-launched batches first, W runs while they are in flight. gloo on CPU, NCCL on GPU: the backend is
+launched batches first, W runs while they are in flight. An F&B slot runs its forward then its
+backward, or, with ``overlap``, both at once: the backward on a worker thread (`_run_overlapped`). gloo on CPU, NCCL on GPU: the backend is
 chosen from the device by `backend_for`, and every wait is bounded by a timeout so a dead or stuck rank
 ends the step with an error naming what was awaited instead of hanging.
 
@@ -26,6 +27,7 @@ identical; gradients accumulated before the step are kept out of the exchange.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Literal, Mapping
@@ -46,6 +48,11 @@ class PipelineConfig:
     schedule: Literal["1f1b", "zb1p", "dualpipe", "dualpipev"] = "1f1b"
     micro_batches: int = 8
     timeout_s: float = 300.0
+    # Run the two halves of each F&B slot (DualPipe(V)'s overlapped forward of one micro-batch and
+    # backward of another) concurrently: the backward on a worker thread, the forward on the caller's.
+    # Expert-parallel all-to-alls of the two go over separate process groups, so one chunk's
+    # communication waits while the other computes. Off = the two run one after the other.
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1:
@@ -103,6 +110,7 @@ class PipelineRunner:
         device: torch.device | str,
         group: dist.ProcessGroup | None = None,
         timeout_s: float = 300.0,
+        overlap: bool = False,
     ) -> None:
         if not dist.is_initialized():
             raise PipelineError("torch.distributed is not initialised; call init_process_group first")
@@ -122,6 +130,10 @@ class PipelineRunner:
         self.timeout = timedelta(seconds=timeout_s)
         self._loss_scale = 1.0
         self._bounded_wait = backend_for(self.device) != "nccl"  # NCCL: the group's watchdog enforces it
+        self.overlap = overlap
+        self._worker: ThreadPoolExecutor | None = None  # runs the backward half of F&B slots (overlap)
+        # per F&B slot of the last step with overlap on: (forward start, end, backward start, end), seconds
+        self.last_overlap: list[tuple[float, float, float, float]] = []
 
     def _global(self, pp_rank: int) -> int:
         return pp_rank if self.group is None else dist.get_global_rank(self.group, pp_rank)
@@ -221,6 +233,9 @@ class PipelineRunner:
 
     def _run_compute(self, action: Compute | Overlapped, st: _StepState, labels: list[torch.Tensor] | None,
                      criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        if isinstance(action, Overlapped) and self.overlap and action.forward.micro != action.backward.micro:
+            self._run_overlapped(action, st, labels, criterion)
+            return
         chunks = (action.forward, action.backward) if isinstance(action, Overlapped) else (action,)
         for c in chunks:
             if c.kind == "F":
@@ -229,6 +244,45 @@ class PipelineRunner:
                 self._backward(c, st)
             else:
                 st.deferred.pop((c.micro, c.stage)).run()
+
+    def _run_overlapped(self, action: Overlapped, st: _StepState, labels: list[torch.Tensor] | None,
+                        criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """Forward here while the backward runs on the worker thread; both finish before the slot ends.
+
+        The two chunks touch different micro-batches' entries of ``st`` (the schedule pairs independent
+        chunks), only the backward accumulates into ``.grad``, and autograd runs a CPU graph on the
+        thread that calls it, so the result equals running them one after the other. Collectives inside
+        the chunks must not share a process group across the two threads (ranks could otherwise pair
+        them up in different orders): expert parallelism sends backward all-to-alls over its own group.
+        """
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-bwd-r{self.rank}",
+                                              initializer=_bind_device, initargs=(self.device,))
+        times: list[float] = []
+
+        def backward() -> None:
+            times.append(time.perf_counter())
+            try:
+                self._backward(action.backward, st)
+            finally:
+                times.append(time.perf_counter())
+
+        pending = self._worker.submit(backward)
+        f0 = time.perf_counter()
+        try:
+            self._forward(action.forward, st, labels, criterion)
+        finally:
+            f1 = time.perf_counter()
+            error = pending.exception()  # waits; a failed forward still lets the backward finish or time out
+        if error is not None:
+            raise error
+        self.last_overlap.append((f0, f1, times[0], times[1]))
+
+    def close(self) -> None:
+        """Stop the backward worker thread, if one was started."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
     # ---------------------------------------------------------------- step
     def step(
@@ -258,6 +312,7 @@ class PipelineRunner:
         saved = self._stash_grads(mirrored)
 
         st = _StepState()
+        self.last_overlap = []
         if in_micro is not None:
             for m in range(M):
                 if sched.rank_of(m, 0) == self.rank:
@@ -349,6 +404,12 @@ class PipelineRunner:
                 offset += n
 
 
+def _bind_device(device: torch.device) -> None:
+    """Make ``device`` the worker thread's current accelerator (the current device is per thread)."""
+    if device.type != "cpu" and device.index is not None and hasattr(torch, "accelerator"):
+        torch.accelerator.set_device_index(device.index)
+
+
 def run_pipeline_step(
     schedule: PipelineSchedule,
     stages: Mapping[int, nn.Module],
@@ -364,6 +425,7 @@ def run_pipeline_step(
     batch_dim: int = 0,
     trace: list[Span] | None = None,
     loss_scale: float = 1.0,
+    overlap: bool = False,
 ) -> torch.Tensor:
     """Run one pipelined forward+backward on this rank; returns the mean loss (same on every rank).
 
@@ -371,5 +433,8 @@ def run_pipeline_step(
     (``schedule.stages_on(rank)``). See `PipelineRunner.step` for the data each rank needs.
     """
     runner = PipelineRunner(schedule, stages, hidden_shape=hidden_shape, hidden_dtype=hidden_dtype,
-                            device=device, group=group, timeout_s=timeout_s)
-    return runner.step(inputs, labels, criterion, batch_dim=batch_dim, trace=trace, loss_scale=loss_scale)
+                            device=device, group=group, timeout_s=timeout_s, overlap=overlap)
+    try:
+        return runner.step(inputs, labels, criterion, batch_dim=batch_dim, trace=trace, loss_scale=loss_scale)
+    finally:
+        runner.close()

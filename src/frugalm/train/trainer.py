@@ -235,6 +235,9 @@ class Trainer:
             raise ConfigError("[parallel] pp > 1 with dp_mode = 'fsdp' does not support model.tie_word_embeddings: "
                               "the embedding and the LM head are separate FSDP units of the pipeline stages "
                               "(see frugalm.parallel.pipeline_fsdp); use dp_mode = 'ddp' or untied weights")
+        if cfg.parallel.pp > 1 and cfg.parallel.dp_mode == "fsdp" and cfg.pipeline.overlap:
+            raise ConfigError("[pipeline] overlap = true needs [parallel] dp_mode = 'ddp': FSDP2's parameter "
+                              "gathering hooks are not safe to run from the forward and the backward thread at once")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.parallel.dp > 1 or cfg.parallel.ep > 1 \
                 or cfg.parallel.pp > 1:
             from frugalm.parallel.mesh import init_distributed
@@ -413,7 +416,7 @@ class Trainer:
         runner = PipelineRunner(schedule, mine, hidden_shape=(tc.batch_size // pc.micro_batches, tc.seq_len,
                                                               self.cfg.model.hidden_size),
                                 hidden_dtype=embed.dtype, device=self.device, group=mesh.group("pp"),
-                                timeout_s=pc.timeout_s)
+                                timeout_s=pc.timeout_s, overlap=pc.overlap)
         replicas = PipelineReplicas(self.model, stages, schedule, mesh.pp_rank, mesh.group("pp"))
         # This rank keeps only its stages' weights: the others' storage is freed (parameters move to meta).
         replicas.release_unheld()
@@ -434,7 +437,8 @@ class Trainer:
         last = next((m for m in mine.values() if m.last), None)
         self.pipe = _Pipeline(schedule, stages, mine, runner, replicas, last, fsdp)
         self.say(f"pipeline: {schedule.name}, {mesh.pp} ranks, {schedule.num_stages} stages, "
-                 f"{pc.micro_batches} micro-batches; decoder layers per stage "
+                 f"{pc.micro_batches} micro-batches{', F&B overlapped on two threads' if pc.overlap else ''}; "
+                 f"decoder layers per stage "
                  f"{[len(s.layer_ids) for s in stages]} (+ MTP/head on the last)")
         held = torch.tensor([parameter_bytes(self.model)], dtype=torch.int64, device=self.device)
         per_rank = [torch.zeros_like(held) for _ in range(mesh.pp)]
