@@ -13,18 +13,24 @@ read back from ``OUT/<name>/metrics.jsonl``):
   data order (the trainer's seed also drives the sampler, so only ``model.init_weights`` is re-run): the
   seed-noise yardstick the FP8 gap has to be read against;
 * optional ``fp8_seed2`` (FP8 from the other initial weights: is the FP8 gap the same at another seed?),
-  ``fp32``, ``fp8_fp32`` (FP8 GEMMs, everything else FP32) and ``fp32_seed2``.
+  ``fp32``, ``fp8_fp32`` (FP8 GEMMs, everything else FP32), ``fp32_seed2`` and ``fp8_fp32_seed2``;
+* ablations with FP32 elsewhere, keeping some GEMMs out of FP8 (``fp8.gemms``): ``fp8_fp32_fprop``,
+  ``fp8_fp32_fprop_dgrad``, ``fp8_fp32_dgrad``, ``fp8_fp32_wgrad`` (+ ``_seed2`` of fprop and wgrad), and the
+  control ``fp8_fp32_none`` (FP8 layers with no FP8 GEMM). Each FP8 run is compared with its own base
+  (``fp32``/``bf16`` at the same init seed).
 
 For each run it reports the final val loss and whether the loss flattened: the least-squares slope of the
 val loss over the last 20% of steps, as the change it implies over that window relative to the final loss.
 
 ``--activation-memory`` measures the bytes of tensors saved for backward in one forward of the model
 (autograd saved-tensor hooks, unique storages, parameters themselves not counted) with FP8 vs BF16;
-``--memory`` the optimizer's bytes per parameter (FP32 master + FP32 vs BF16 moments).
+``--memory`` the optimizer's bytes per parameter (FP32 master + FP32 vs BF16 moments). ``--grad-error CKPT``
+measures, without training, how far the FP8 loss, full gradient and MoE routing land from FP32's on a
+trained checkpoint, per selection of FP8 GEMMs and per part of the model (`gradient_error`).
 
     python benchmarks/fp8_vs_bf16.py [--config tiny] [--set train.max_steps=400] [--runs fp8,bf16,bf16_seed2]
         [--out runs/fp8_vs_bf16] [--figure benchmarks/figures/fp8_vs_bf16.png] [--memory]
-        [--activation-memory] [--check-resume STEPS]
+        [--activation-memory] [--check-resume STEPS] [--grad-error runs/.../fp32/final]
 """
 
 from __future__ import annotations
@@ -57,6 +63,16 @@ VARIANTS = {
     "fp32": (["train.precision=fp32"], False),
     "fp8_fp32": (["train.precision=fp32", "fp8.enabled=true"], False),
     "fp32_seed2": (["train.precision=fp32"], True),
+    "fp8_fp32_seed2": (["train.precision=fp32", "fp8.enabled=true"], True),
+    # Ablations of which GEMMs take FP8 operands (`fp8.gemms`; the others run in FP32), FP32 elsewhere.
+    "fp8_fp32_fprop": (["train.precision=fp32", "fp8.enabled=true", 'fp8.gemms=["fprop"]'], False),
+    "fp8_fp32_fprop_dgrad": (["train.precision=fp32", "fp8.enabled=true", 'fp8.gemms=["fprop","dgrad"]'], False),
+    "fp8_fp32_dgrad": (["train.precision=fp32", "fp8.enabled=true", 'fp8.gemms=["dgrad"]'], False),
+    "fp8_fp32_wgrad": (["train.precision=fp32", "fp8.enabled=true", 'fp8.gemms=["wgrad"]'], False),
+    "fp8_fp32_fprop_seed2": (["train.precision=fp32", "fp8.enabled=true", 'fp8.gemms=["fprop"]'], True),
+    "fp8_fp32_wgrad_seed2": (["train.precision=fp32", "fp8.enabled=true", 'fp8.gemms=["wgrad"]'], True),
+    # Control: the FP8 layers' code path with no FP8 GEMM; must track fp32 up to summation order.
+    "fp8_fp32_none": (["train.precision=fp32", "fp8.enabled=true", "fp8.gemms=[]"], False),
 }
 
 
@@ -147,6 +163,84 @@ def check_from_pretrained(run_dir: Path, cfg) -> dict:
     return {"params": sum(p.numel() for p in model.parameters()), "val_loss_fp32_reload": tot / n}
 
 
+def gradient_error(ckpt: Path, cfg) -> dict:
+    """Per-GEMM ablation without training: on a trained checkpoint, how far the FP8 model's loss and full
+    gradient land from FP32's, keeping some of Fprop/Dgrad/Wgrad out of FP8 (``fp8.gemms``).
+
+    For each variant and each of the ``train.eval_batches`` val batches (batch_size x seq_len tokens) it takes the
+    gradient of the main next-token CE of every parameter and reports, against the FP32 gradient of the same
+    batch: ``rel_err`` = mean over batches of ||g - g32|| / ||g32||; ``cos`` = mean cosine similarity;
+    ``coherence`` = ||mean over batches of (g - g32)|| * sqrt(n) / rms over batches of ||g - g32|| (n =
+    ``train.eval_batches``): about 1 if the error is independent from batch to batch (it averages out
+    over steps like gradient noise), up to sqrt(n) if it points the same way every batch (a bias); ``loss_rel`` = mean (loss - loss32) / loss32. BF16 autocast is measured the same way
+    as the yardstick of what a BF16 run already tolerates.
+    """
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    import frugalm
+    from frugalm.data.prepare import prepare_data
+    from frugalm.fp8 import apply_fp8
+
+    data = prepare_data(cfg.data, None, progress=False)
+    batches = list(data.val_batches(cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches))
+
+    def grads(gemms, autocast: bool = False, include=("*",)):
+        model = frugalm.from_pretrained(ckpt)
+        model.train()
+        if gemms is not None:
+            model = apply_fp8(model, dataclasses.replace(cfg.fp8, enabled=True, gemms=list(gemms),
+                                                          include=list(include)))
+        routes: list = []
+        for name, mod in model.named_modules():  # the MoE routers' top-k choices, to count flips
+            if name.endswith("mlp.gate"):
+                mod.register_forward_hook(lambda m, i, o: routes.append(o.indices.sort(-1).values))
+        out = []
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                res = model(batch[:, :-1])
+            logits = res if torch.is_tensor(res) else (res.logits if hasattr(res, "logits") else res[0])
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            loss.backward()
+            g = torch.cat([p.grad.reshape(-1).double() for p in model.parameters() if p.grad is not None])
+            out.append((loss.item(), g))
+        return out, routes
+
+    ref, ref_routes = grads(None)
+    variants = {"fp8 all": ("fprop", "dgrad", "wgrad"), "fp8 fprop": ("fprop",), "fp8 dgrad": ("dgrad",),
+                "fp8 wgrad": ("wgrad",), "fp8 fprop+dgrad": ("fprop", "dgrad"), "fp8 none (control)": ()}
+    # Fprop in FP8 only in part of the model (fp8.include patterns), the rest FP32.
+    parts = {"fp8 fprop, attention only": ("*self_attn*",), "fp8 fprop, MLPs+experts only": ("*mlp*",),
+             "fp8 fprop, routed experts only": ("*mlp.experts",)}
+    results = {}
+    runs = [(n, g, ("*",)) for n, g in variants.items()] + [(n, ("fprop",), inc) for n, inc in parts.items()]
+    for name, gemms, include in [*runs, ("bf16 autocast", None, ("*",))]:
+        got, routes = grads(gemms, include=include) if gemms is not None else grads(None, autocast=True)
+        flips = sum(int((a != b).any(-1).sum()) for a, b in zip(routes, ref_routes))
+        n_routed = sum(a.shape[0] for a in ref_routes)
+        diffs = [g - r for (_, g), (_, r) in zip(got, ref)]
+        rel = [float(d.norm() / r.norm()) for d, (_, r) in zip(diffs, ref)]
+        cos = [float(torch.dot(g, r) / (g.norm() * r.norm())) for (_, g), (_, r) in zip(got, ref)]
+        rms = (sum(float(d.norm()) ** 2 for d in diffs) / len(diffs)) ** 0.5
+        bias = float((sum(diffs) / len(diffs)).norm()) * len(diffs) ** 0.5 / rms if rms > 0 else 0.0
+        loss_rel = sum((lg - lr) / lr for (lg, _), (lr, _) in zip(got, ref)) / len(ref)
+        results[name] = {"rel_err": sum(rel) / len(rel), "cos": sum(cos) / len(cos), "coherence": bias,
+                         "loss_rel": loss_rel, "routing_changed": flips / max(n_routed, 1)}
+        print(f"grad error {name:20s} rel {results[name]['rel_err']:.4f}  cos {results[name]['cos']:.6f}  "
+              f"coherence {bias:.2f}  loss {100 * loss_rel:+.4f}%  tokens routed differently "
+              f"{100 * results[name]['routing_changed']:.2f}%", flush=True)
+    gs = [r for _, r in ref]
+    rms_g = (sum(float(g.norm()) ** 2 for g in gs) / len(gs)) ** 0.5
+    grad_coherence = float((sum(gs) / len(gs)).norm()) * len(gs) ** 0.5 / rms_g
+    print(f"coherence of the FP32 gradients themselves over the same batches: {grad_coherence:.2f} "
+          f"(sqrt(n) = {len(gs) ** 0.5:.2f})", flush=True)
+    return {"checkpoint": str(ckpt), "batches": len(batches), "fp32_loss": sum(l for l, _ in ref) / len(ref),
+            "fp32_grad_coherence": grad_coherence, "variants": results}
+
+
 def tail_slope(points: dict[int, float], max_steps: int, fraction: float = 0.2) -> dict:
     """Least-squares slope of ``points`` (step -> loss) over the last ``fraction`` of ``max_steps``.
 
@@ -225,7 +319,9 @@ def plot(curves: dict, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"fp8": "tab:red", "bf16": "tab:blue", "fp32": "tab:green", "bf16_seed2": "tab:cyan",
-              "fp32_seed2": "tab:olive", "fp8_fp32": "tab:orange", "fp8_seed2": "tab:pink"}
+              "fp32_seed2": "tab:olive", "fp8_fp32": "tab:orange", "fp8_seed2": "tab:pink",
+              "fp8_fp32_seed2": "tab:brown", "fp8_fp32_none": "tab:gray", "fp8_fp32_fprop": "tab:purple",
+              "fp8_fp32_wgrad": "gold", "fp8_fp32_fprop_dgrad": "magenta", "fp8_fp32_dgrad": "black"}
     for name, (tr, va, tps) in curves.items():
         c = colors.get(name)
         s = sorted(tr)
@@ -341,6 +437,9 @@ def main() -> None:
                     help="measure bytes saved for backward in one forward, FP8 vs BF16")
     ap.add_argument("--check-resume", type=int, default=0, metavar="STEPS",
                     help="also check an FP8 run of STEPS steps resumes bit for bit, and that fp8's OUT/final loads")
+    ap.add_argument("--grad-error", default="", metavar="CHECKPOINT",
+                    help="per-GEMM gradient/loss error of FP8 vs FP32 on a trained HF checkpoint folder "
+                         "(e.g. OUT/fp32/final), with the fp8 run's config; no training")
     ap.add_argument("--reuse", action="store_true",
                     help="skip a run whose OUT/<name>/summary.json exists (finished) and report it from its files")
     args = ap.parse_args()
@@ -394,6 +493,12 @@ def main() -> None:
     gap("rel_gap_fp8_fp32_vs_fp32", "fp8_fp32", "fp32", "FP8 (FP32 elsewhere) vs FP32")
     gap("rel_gap_fp32_seed_noise", "fp32_seed2", "fp32", "FP32 init-seed noise")
     gap("rel_gap_bf16_vs_fp32", "bf16", "fp32", "BF16 vs FP32")
+    gap("rel_gap_fp8_fp32_vs_fp32_seed2", "fp8_fp32_seed2", "fp32_seed2", "FP8 (FP32 elsewhere) vs FP32, init seed B")
+    for name in results:  # every other FP8 variant against its own base (same precision, same init seed)
+        if not name.startswith("fp8_fp32_") or name == "fp8_fp32_seed2":
+            continue
+        base = "fp32_seed2" if VARIANTS[name][1] else "fp32"
+        gap(f"rel_gap_{name}_vs_{base}", name, base, f"FP8 GEMMs {cfgs[name].fp8.gemms} vs FP32")
     if "fp8" in results and "bf16" in results:
         common = sorted(set(results["fp8"]["val_losses"]) & set(results["bf16"]["val_losses"]))
         others = [n for n in ("bf16_seed2", "fp8_seed2") if n in results]
@@ -470,6 +575,9 @@ def main() -> None:
         report["from_pretrained"] = {"dir": str(src / "final"), **fp}
         print(f"from_pretrained({src / 'final'}): {fp['params']:,} params, FP32 val loss {fp['val_loss_fp32_reload']:.5f}")
 
+    if args.grad_error:
+        report["grad_error"] = gradient_error(Path(args.grad_error), cfgs.get("fp8_fp32") or config_of("fp8_fp32"))
+
     if curves:
         first = next(iter(cfgs.values()))
         m = first.model
@@ -478,7 +586,9 @@ def main() -> None:
                  f"{first.train.max_steps} steps x {first.train.tokens_per_step} tokens, "
                  f"seed {first.train.seed}; FP8 backend {args.backend}; torch {torch.__version__}")
         for key, label in (("rel_gap_fp8_vs_bf16", "FP8 vs BF16"), ("rel_gap_fp8_vs_bf16_seed2", "FP8 vs BF16 (seed B)"),
-                           ("rel_gap_bf16_seed_noise", "BF16 seed B vs A"), ("rel_gap_fp8_fp32_vs_fp32", "FP8 vs FP32")):
+                           ("rel_gap_bf16_seed_noise", "BF16 seed B vs A"), ("rel_gap_fp8_fp32_vs_fp32", "FP8 vs FP32"),
+                           ("rel_gap_fp8_fp32_vs_fp32_seed2", "FP8 vs FP32 (seed B)"),
+                           ("rel_gap_fp32_seed_noise", "FP32 seed B vs A")):
             if key in report:
                 title += f"\nfinal val gap {label} {100 * report[key]:+.3f}%"
         plot(curves, Path(args.figure), title)

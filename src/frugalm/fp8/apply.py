@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from frugalm.fp8.backends import select_backend
-from frugalm.fp8.config import FP8Config
+from frugalm.fp8.config import GEMM_NAMES, FP8Config
 from frugalm.fp8.linear import FP8GroupedLinear, FP8Linear
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,14 @@ class FP8Plan:
     skipped: dict[str, str] = field(default_factory=dict)
     backend: str = ""
     device: str = ""
+    gemms: list[str] = field(default_factory=lambda: list(GEMM_NAMES))
 
     def describe(self) -> str:
         lines = [
             f"FP8: {len(self.linears)} Linear module(s) and {len(self.experts)} expert block(s) in FP8; "
             f"GEMM backend {self.backend!r} on {self.device}"
+            + ("" if set(self.gemms) == set(GEMM_NAMES) else
+               f"; FP8 GEMMs only {self.gemms or 'none'} (the others in high precision)")
         ]
         lines += [f"  fp8   {name}" for name in self.linears]
         lines += [f"  fp8   {name} (experts.linear_fn)" for name in self.experts]
@@ -81,7 +84,8 @@ def plan_fp8(model: nn.Module, config: FP8Config) -> FP8Plan:
     device cannot run, so a misconfigured run fails before training starts.
     """
     device = _model_device(model)
-    plan = FP8Plan(backend=select_backend(config.backend, device).name, device=str(device))
+    plan = FP8Plan(backend=select_backend(config.backend, device).name, device=str(device),
+                   gemms=list(config.gemms))
     for name, module in model.named_modules(remove_duplicate=False):
         shown = name or "<root>"
         if hasattr(module, "linear_fn") and not isinstance(module, nn.Linear):
@@ -118,7 +122,10 @@ def apply_fp8(model: nn.Module, config: FP8Config) -> nn.Module:
         log.info("FP8 disabled (fp8.enabled = false); model left in its own precision")
         return model
     plan = plan_fp8(model, config)
-    grouped = FP8GroupedLinear(backend=config.backend, power_of_two_scales=config.power_of_two_scales)
+    gemms = tuple(config.gemms)
+    grouped = FP8GroupedLinear(
+        backend=config.backend, power_of_two_scales=config.power_of_two_scales, gemms=gemms
+    )
     replaced: dict[int, FP8Linear] = {}
     root = model
     for name in plan.linears:
@@ -126,7 +133,7 @@ def apply_fp8(model: nn.Module, config: FP8Config) -> nn.Module:
         new = replaced.get(id(old))
         if new is None:
             new = FP8Linear.from_linear(
-                old, backend=config.backend, power_of_two_scales=config.power_of_two_scales
+                old, backend=config.backend, power_of_two_scales=config.power_of_two_scales, gemms=gemms
             )
             replaced[id(old)] = new
         if not name:

@@ -15,6 +15,10 @@ from typing import Literal
 # matched against qualified module names (see `frugalm.fp8.apply.name_matches`).
 DEFAULT_HIGH_PRECISION = ("embed_tokens", "lm_head", "mlp.gate", "*norm*")
 
+# The three GEMMs of a linear layer (TransformerEngine's names): Fprop y = x W^T, Dgrad dx = dy W,
+# Wgrad dW = dy^T x. DeepSeek-V3 runs all three in FP8.
+GEMM_NAMES = ("fprop", "dgrad", "wgrad")
+
 
 @dataclass
 class FP8Config:
@@ -36,8 +40,27 @@ class FP8Config:
     keep_high_precision: list[str] = field(default_factory=lambda: list(DEFAULT_HIGH_PRECISION))
     # Set `linear_fn` on MoE expert modules (stacked expert weights) to the FP8 grouped GEMM.
     experts: bool = True
+    # Which of a converted layer's GEMMs take FP8 operands; the others run in the layer's high precision
+    # (the autocast dtype, else the input's dtype, as `nn.Linear` would). For ablations: the recipe is all
+    # three, ``["fprop"]`` keeps the backward pass in high precision, ``[]`` keeps only the FP8 layers' code
+    # path (a control that must match the unconverted model up to FP32 summation order).
+    gemms: list[str] = field(default_factory=lambda: list(GEMM_NAMES))
 
     def __post_init__(self) -> None:
         allowed = ("auto", "blockwise", "sliced", "emulated")
         if self.backend not in allowed:
             raise ValueError(f"fp8.backend must be one of {list(allowed)}, got {self.backend!r}")
+        check_gemms(self.gemms)
+
+
+def check_gemms(gemms) -> frozenset[str]:
+    """``gemms`` as a frozenset after checking each is one of `GEMM_NAMES`, once (ValueError otherwise)."""
+    if isinstance(gemms, str):
+        raise ValueError(f"fp8.gemms must be a list of {list(GEMM_NAMES)}, got the string {gemms!r}")
+    gemms = list(gemms)
+    unknown = [g for g in gemms if g not in GEMM_NAMES]
+    if unknown:
+        raise ValueError(f"fp8.gemms: unknown GEMM(s) {unknown}; choose from {list(GEMM_NAMES)}")
+    if len(set(gemms)) != len(gemms):
+        raise ValueError(f"fp8.gemms lists a GEMM twice: {gemms}")
+    return frozenset(gemms)

@@ -18,7 +18,8 @@ become a BF16 one) would break the numerics contract.
 What is saved for backward is FP8 only: x in the 128x1 Wgrad tiling (quantized straight from the
 high-precision input, so it is not rounded twice) and the FP8 weight, each with its fp32 tile scales,
 about 1.03 bytes per element instead of 2 (BF16) or 4 (FP32). A tensor that no gradient needs is not
-saved at all.
+saved at all. (With ``gemms`` -- `FP8Config.gemms`, an ablation knob -- a GEMM left out of FP8 runs in the
+output dtype as `nn.Linear` would, and its operand is saved in that precision instead.)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from frugalm.fp8.backends import GemmBackend, resolve_backend
+from frugalm.fp8.config import GEMM_NAMES, check_gemms
 from frugalm.fp8.quantize import (
     WEIGHT_TILE,
     WGRAD_TILE,
@@ -39,6 +41,9 @@ from frugalm.fp8.quantize import (
     quantize_for_wgrad,
     quantize_weight,
 )
+
+
+ALL_GEMMS = frozenset(GEMM_NAMES)
 
 
 def _output_dtype(x: Tensor) -> torch.dtype:
@@ -54,7 +59,12 @@ def _no_autocast(device_type: str) -> torch.autocast:
 
 
 class _FP8LinearFunction(torch.autograd.Function):
-    """y = x W^T (+ b) with FP8 Fprop/Dgrad/Wgrad; see the module docstring for the tilings."""
+    """y = x W^T (+ b) with FP8 Fprop/Dgrad/Wgrad; see the module docstring for the tilings.
+
+    ``fp8_gemms`` names the GEMMs that take FP8 operands (all three in the recipe); any other runs in
+    ``out_dtype`` (the autocast dtype, else x's dtype -- what `nn.Linear` would use) and then saves the
+    high-precision operand it needs instead of the FP8 copy.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -67,23 +77,31 @@ class _FP8LinearFunction(torch.autograd.Function):
         keep_for_wgrad: bool,
         keep_for_dgrad: bool,
         out_dtype: torch.dtype,
+        fp8_gemms: frozenset = ALL_GEMMS,
     ) -> Tensor:
         out_features, in_features = weight.shape
         if x.shape[-1] != in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the weight expects {in_features}")
         x2 = x.reshape(-1, in_features)
-        wq = quantize_weight(weight, power_of_two=power_of_two)
-        y = gemm.gemm(quantize_activation(x2, power_of_two=power_of_two), wq, torch.float32)
+        fp8_dgrad = keep_for_dgrad and "dgrad" in fp8_gemms
+        wq = quantize_weight(weight, power_of_two=power_of_two) if "fprop" in fp8_gemms or fp8_dgrad else None
+        if "fprop" in fp8_gemms:
+            y = gemm.gemm(quantize_activation(x2, power_of_two=power_of_two), wq, torch.float32)
+        else:
+            y = torch.matmul(x2.to(out_dtype), weight.to(out_dtype).t()).float()
         if bias is not None:
             y = y + bias.float()
-        xw = quantize_for_wgrad(x2, power_of_two=power_of_two) if keep_for_wgrad else None
-        ctx.save_for_backward(
-            xw.data if xw is not None else None,
-            xw.scale if xw is not None else None,
-            wq.data if keep_for_dgrad else None,
-            wq.scale if keep_for_dgrad else None,
-        )
-        ctx.gemm, ctx.power_of_two = gemm, power_of_two
+        x_saved = w_saved = (None, None)
+        if keep_for_wgrad:
+            if "wgrad" in fp8_gemms:
+                xw = quantize_for_wgrad(x2, power_of_two=power_of_two)
+                x_saved = (xw.data, xw.scale)
+            else:
+                x_saved = (x2.detach().to(out_dtype), None)
+        if keep_for_dgrad:
+            w_saved = (wq.data, wq.scale) if fp8_dgrad else (weight.detach(), None)
+        ctx.save_for_backward(*x_saved, *w_saved)
+        ctx.gemm, ctx.power_of_two, ctx.fp8_gemms, ctx.hp_dtype = gemm, power_of_two, fp8_gemms, out_dtype
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -96,21 +114,29 @@ class _FP8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
-        xw_data, xw_scale, w_data, w_scale = ctx.saved_tensors
+        x_a, x_b, w_a, w_b = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dy2 = dy.reshape(-1, dy.shape[-1])
+        hp = ctx.hp_dtype
         dx = dw = db = None
         if need_dx:
-            wq = FP8Tensor(w_data, w_scale, WEIGHT_TILE)
-            dyq = quantize_activation(dy2, power_of_two=ctx.power_of_two)
-            dx = ctx.gemm.gemm(dyq, wq.t(), ctx.x_dtype).reshape(ctx.x_shape)
+            if "dgrad" in ctx.fp8_gemms:
+                wq = FP8Tensor(w_a, w_b, WEIGHT_TILE)
+                dyq = quantize_activation(dy2, power_of_two=ctx.power_of_two)
+                dx = ctx.gemm.gemm(dyq, wq.t(), ctx.x_dtype)
+            else:
+                dx = torch.matmul(dy2.to(hp), w_a.to(hp)).to(ctx.x_dtype)
+            dx = dx.reshape(ctx.x_shape)
         if need_dw:
-            xw = FP8Tensor(xw_data, xw_scale, WGRAD_TILE)
-            dyw = quantize_for_wgrad(dy2, power_of_two=ctx.power_of_two)
-            dw = ctx.gemm.gemm(dyw.t(), xw.t(), ctx.w_dtype)
+            if "wgrad" in ctx.fp8_gemms:
+                xw = FP8Tensor(x_a, x_b, WGRAD_TILE)
+                dyw = quantize_for_wgrad(dy2, power_of_two=ctx.power_of_two)
+                dw = ctx.gemm.gemm(dyw.t(), xw.t(), ctx.w_dtype)
+            else:
+                dw = torch.matmul(dy2.to(hp).t(), x_a).to(ctx.w_dtype)
         if need_db and ctx.has_bias:
             db = dy2.float().sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def fp8_linear(
@@ -120,13 +146,17 @@ def fp8_linear(
     *,
     backend: str | GemmBackend = "auto",
     power_of_two_scales: bool = False,
+    gemms: tuple[str, ...] | list[str] | frozenset = GEMM_NAMES,
 ) -> Tensor:
     """``x @ weight.T + bias`` with DeepSeek-V3's FP8 recipe in forward and backward.
 
     ``backend`` is a name from `frugalm.fp8.backends.BACKEND_NAMES` (resolved for ``x.device``) or a
     backend object. Under ``torch.autocast`` the result is in the autocast dtype (like ``nn.Linear``),
-    while the GEMMs themselves stay FP8 with FP32 accumulation.
+    while the GEMMs themselves stay FP8 with FP32 accumulation. ``gemms`` (a subset of
+    ``("fprop", "dgrad", "wgrad")``, all by default) picks which GEMMs take FP8 operands; the others run
+    in the output dtype, as ``nn.Linear`` would (an ablation knob: `FP8Config.gemms`).
     """
+    fp8_gemms = check_gemms(gemms)
     gemm = resolve_backend(backend, x.device)
     grad_on = torch.is_grad_enabled()
     keep_for_wgrad = grad_on and weight.requires_grad
@@ -134,7 +164,7 @@ def fp8_linear(
     out_dtype = _output_dtype(x)
     with _no_autocast(x.device.type):
         return _FP8LinearFunction.apply(
-            x, weight, bias, gemm, power_of_two_scales, keep_for_wgrad, keep_for_dgrad, out_dtype
+            x, weight, bias, gemm, power_of_two_scales, keep_for_wgrad, keep_for_dgrad, out_dtype, fp8_gemms
         )
 
 
@@ -155,19 +185,22 @@ class FP8Linear(nn.Linear):
         *,
         backend: str = "auto",
         power_of_two_scales: bool = False,
+        gemms: tuple[str, ...] | list[str] = GEMM_NAMES,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.backend = backend
         self.power_of_two_scales = power_of_two_scales
+        self.gemms = tuple(g for g in GEMM_NAMES if g in check_gemms(gemms))
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, *, backend: str = "auto", power_of_two_scales: bool = False
+        cls, linear: nn.Linear, *, backend: str = "auto", power_of_two_scales: bool = False,
+        gemms: tuple[str, ...] | list[str] = GEMM_NAMES,
     ) -> "FP8Linear":
         """An FP8Linear that shares ``linear``'s Parameter objects (no copy, optimizer state stays valid)."""
         new = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-            dtype=linear.weight.dtype, backend=backend, power_of_two_scales=power_of_two_scales,
+            dtype=linear.weight.dtype, backend=backend, power_of_two_scales=power_of_two_scales, gemms=gemms,
         )
         new.weight = linear.weight
         new.bias = linear.bias
@@ -176,12 +209,14 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return fp8_linear(
-            x, self.weight, self.bias, backend=self.backend, power_of_two_scales=self.power_of_two_scales
+            x, self.weight, self.bias, backend=self.backend, power_of_two_scales=self.power_of_two_scales,
+            gemms=self.gemms,
         )
 
     def extra_repr(self) -> str:
         pow2 = ", power_of_two_scales=True" if self.power_of_two_scales else ""
-        return f"{super().extra_repr()}, fp8_backend={self.backend!r}{pow2}"
+        gemms = f", fp8_gemms={list(self.gemms)}" if self.gemms != GEMM_NAMES else ""
+        return f"{super().extra_repr()}, fp8_backend={self.backend!r}{pow2}{gemms}"
 
 
 # ----------------------------------------------------------------------------- MoE experts
@@ -214,7 +249,7 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
 
     Activation tiles are per token, so x and dy are quantized once for all experts; Wgrad's 128-token
     tiles are cut per expert so that no tile mixes two experts' tokens (each expert's Wgrad is its own
-    contraction over its own tokens).
+    contraction over its own tokens). ``fp8_gemms`` works as for `_FP8LinearFunction`.
     """
 
     @staticmethod
@@ -228,25 +263,34 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
         keep_for_wgrad: bool,
         keep_for_dgrad: bool,
         out_dtype: torch.dtype,
+        fp8_gemms: frozenset = ALL_GEMMS,
     ) -> Tensor:
         if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[2]:
             raise ValueError(f"expected x [N, in] and w [E, out, in], got {tuple(x.shape)} and {tuple(w.shape)}")
         n_experts, out_features, _ = w.shape
         bounds = _group_bounds(offs, n_experts, x.shape[0])
-        xq = quantize_activation(x, power_of_two=power_of_two)
-        wq = quantize_weight(w, power_of_two=power_of_two)
+        fp8_dgrad = keep_for_dgrad and "dgrad" in fp8_gemms
+        wq = quantize_weight(w, power_of_two=power_of_two) if "fprop" in fp8_gemms or fp8_dgrad else None
         y = torch.zeros(x.shape[0], out_features, dtype=out_dtype, device=x.device)
-        _grouped_gemm(gemm, xq, wq, bounds, y, transpose_b=False)
-        x_data = x_scale = None
+        if "fprop" in fp8_gemms:
+            _grouped_gemm(gemm, quantize_activation(x, power_of_two=power_of_two), wq, bounds, y, transpose_b=False)
+        else:
+            _grouped_hp(x.to(out_dtype), w.to(out_dtype), bounds, y, transpose_b=False)
+        x_a = x_b = None
         if keep_for_wgrad:
-            parts = [quantize_for_wgrad(x[s:t], power_of_two=power_of_two) for s, t in bounds if t > s]
-            if parts:
-                x_data = torch.cat([p.data for p in parts])
-                x_scale = torch.cat([p.scale for p in parts])
-        ctx.save_for_backward(
-            x_data, x_scale, wq.data if keep_for_dgrad else None, wq.scale if keep_for_dgrad else None
-        )
+            if "wgrad" in fp8_gemms:
+                parts = [quantize_for_wgrad(x[s:t], power_of_two=power_of_two) for s, t in bounds if t > s]
+                if parts:
+                    x_a = torch.cat([p.data for p in parts])
+                    x_b = torch.cat([p.scale for p in parts])
+            else:
+                x_a = x.detach().to(out_dtype)
+        w_a = w_b = None
+        if keep_for_dgrad:
+            w_a, w_b = (wq.data, wq.scale) if fp8_dgrad else (w.detach(), None)
+        ctx.save_for_backward(x_a, x_b, w_a, w_b)
         ctx.bounds, ctx.gemm, ctx.power_of_two = bounds, gemm, power_of_two
+        ctx.fp8_gemms, ctx.hp_dtype = fp8_gemms, out_dtype
         ctx.x_shape, ctx.x_dtype, ctx.w_shape, ctx.w_dtype = x.shape, x.dtype, w.shape, w.dtype
         return y
 
@@ -257,26 +301,43 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
-        x_data, x_scale, w_data, w_scale = ctx.saved_tensors
+        x_a, x_b, w_a, w_b = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
-        device = dy.device
+        device, hp = dy.device, ctx.hp_dtype
         dx = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=device) if need_dx else None
         dw = torch.zeros(ctx.w_shape, dtype=ctx.w_dtype, device=device) if need_dw else None
         if need_dx:
-            wq = FP8Tensor(w_data, w_scale, WEIGHT_TILE)
-            dyq = quantize_activation(dy, power_of_two=ctx.power_of_two)
-            _grouped_gemm(ctx.gemm, dyq, wq, ctx.bounds, dx, transpose_b=True)
+            if "dgrad" in ctx.fp8_gemms:
+                wq = FP8Tensor(w_a, w_b, WEIGHT_TILE)
+                dyq = quantize_activation(dy, power_of_two=ctx.power_of_two)
+                _grouped_gemm(ctx.gemm, dyq, wq, ctx.bounds, dx, transpose_b=True)
+            else:
+                _grouped_hp(dy.to(hp), w_a.to(hp), ctx.bounds, dx, transpose_b=True)
+        if not need_dw:
+            return dx, dw, None, None, None, None, None, None, None
+        fp8_wgrad = "wgrad" in ctx.fp8_gemms
+        dy_hp = None if fp8_wgrad else dy.to(hp)
         scale_row = 0
         for e, (s, t) in enumerate(ctx.bounds):
             if t == s:
                 continue
-            if need_dw:
+            if fp8_wgrad:
                 tiles = math.ceil((t - s) / WGRAD_TILE[0])
-                xw = FP8Tensor(x_data[s:t], x_scale[scale_row: scale_row + tiles], WGRAD_TILE)
+                xw = FP8Tensor(x_a[s:t], x_b[scale_row: scale_row + tiles], WGRAD_TILE)
                 scale_row += tiles
                 dyw = quantize_for_wgrad(dy[s:t], power_of_two=ctx.power_of_two)
                 dw[e] = ctx.gemm.gemm(dyw.t(), xw.t(), ctx.w_dtype)
-        return dx, dw, None, None, None, None, None, None
+            else:
+                dw[e] = torch.mm(dy_hp[s:t].t(), x_a[s:t]).to(ctx.w_dtype)
+        return dx, dw, None, None, None, None, None, None, None
+
+
+def _grouped_hp(a: Tensor, b: Tensor, bounds: list[tuple[int, int]], out: Tensor, transpose_b: bool) -> Tensor:
+    """High-precision ``out[s:t] = a[s:t] @ b[e]^T`` (``b[e]`` if ``transpose_b``): a GEMM kept out of FP8."""
+    for e, (s, t) in enumerate(bounds):
+        if t > s:
+            out[s:t] = torch.mm(a[s:t], b[e] if transpose_b else b[e].t())
+    return out
 
 
 def fp8_grouped_linear(
@@ -286,19 +347,22 @@ def fp8_grouped_linear(
     *,
     backend: str | GemmBackend = "auto",
     power_of_two_scales: bool = False,
+    gemms: tuple[str, ...] | list[str] | frozenset = GEMM_NAMES,
 ) -> Tensor:
     """MoE experts' ``linear_fn`` in FP8: rows ``offs[e-1]:offs[e]`` of ``x [N, in]`` times ``w[e]^T``.
 
     ``w`` is the stacked ``[E, out, in]`` expert weight and ``offs`` the int cumulative row ends (tokens
-    already sorted by expert), as for ``torch._grouped_mm``. Rows past ``offs[-1]`` get zeros.
+    already sorted by expert), as for ``torch._grouped_mm``. Rows past ``offs[-1]`` get zeros. ``gemms``
+    as for `fp8_linear`.
     """
+    fp8_gemms = check_gemms(gemms)
     gemm = resolve_backend(backend, x.device)
     grad_on = torch.is_grad_enabled()
     out_dtype = _output_dtype(x)
     with _no_autocast(x.device.type):
         return _FP8GroupedLinearFunction.apply(
             x, w, offs, gemm, power_of_two_scales, grad_on and w.requires_grad, grad_on and x.requires_grad,
-            out_dtype,
+            out_dtype, fp8_gemms,
         )
 
 
@@ -311,8 +375,9 @@ class FP8GroupedLinear:
 
     backend: str = "auto"
     power_of_two_scales: bool = False
+    gemms: tuple[str, ...] = GEMM_NAMES
 
     def __call__(self, x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
         return fp8_grouped_linear(
-            x, w, offs, backend=self.backend, power_of_two_scales=self.power_of_two_scales
+            x, w, offs, backend=self.backend, power_of_two_scales=self.power_of_two_scales, gemms=self.gemms
         )
