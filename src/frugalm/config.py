@@ -140,13 +140,48 @@ def from_dict(cls: type[T], data: Mapping[str, Any], section: str = "", *, ignor
         if name in ignore:
             continue
         where = f"{section}.{name}" if section else name
-        kwargs[name] = _coerce(value, hints[name], where)
+        default = _nested_default(fields[name])
+        if default is not None and isinstance(value, Mapping):
+            # a partial table overrides the field's own default (e.g. [distill.sft] keeps the distillation
+            # learning rate when it sets only max_steps), not a freshly constructed class default
+            kwargs[name] = _update(default, value, where)
+        else:
+            kwargs[name] = _coerce(value, hints[name], where)
+    return _construct(cls, kwargs, section)
+
+
+def _construct(cls: type[T], kwargs: dict[str, Any], section: str) -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"[{section}] {e}" if section else str(e)) from None
+
+
+def _nested_default(f: dataclasses.Field) -> Any:
+    """The default instance of a dataclass-valued field built by ``default_factory``, else None."""
+    if f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        return None
+    value = f.default_factory()  # type: ignore[misc]
+    return value if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
+
+
+def _update(obj: Any, data: Mapping[str, Any], section: str) -> Any:
+    """``obj`` (a dataclass instance) with the keys of ``data`` replaced, checked like `from_dict`."""
+    cls = type(obj)
+    hints = typing.get_type_hints(cls)
+    kwargs = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(k for k in data if k not in kwargs)
+    if unknown:
+        raise ConfigError(f"[{section}] unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(kwargs))}")
+    for name, value in data.items():
+        where = f"{section}.{name}"
+        if isinstance(value, Mapping) and dataclasses.is_dataclass(kwargs[name]):
+            kwargs[name] = _update(kwargs[name], value, where)
+        else:
+            kwargs[name] = _coerce(value, hints[name], where)
+    return _construct(cls, kwargs, section)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

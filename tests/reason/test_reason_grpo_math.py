@@ -160,3 +160,21 @@ def test_logprobs_and_entropy_from_one_log_softmax_match_the_separate_functions(
     logits.grad = None
     token_logprobs(logits, targets).sum().backward()
     assert torch.equal(grad, logits.grad)
+
+
+def test_partial_nested_section_keeps_its_own_defaults(tmp_path):
+    """[distill.sft] setting one key keeps the distillation SFT's other defaults (lr 2e-3), not SFTConfig's
+    class defaults (lr 3e-3); an unknown nested key is still named."""
+    from frugalm.reason.config import DistillConfig, SFTConfig
+
+    default = DistillConfig().sft
+    assert default.lr != SFTConfig().lr  # the distillation default differs from the class default
+    cfg = load_reason_config(None, ["distill.sft.max_steps=10"])
+    assert cfg.distill.sft.max_steps == 10
+    assert (cfg.distill.sft.lr, cfg.distill.sft.min_lr) == (default.lr, default.min_lr)
+    path = tmp_path / "r.toml"
+    path.write_text("[distill.sft]\nbatch_size = 4\n")
+    cfg = load_reason_config(path)
+    assert (cfg.distill.sft.batch_size, cfg.distill.sft.lr, cfg.distill.sft.max_steps) == (4, default.lr, default.max_steps)
+    with pytest.raises(ConfigError, match=r"\[distill.sft\] unknown key\(s\) learning_rate"):
+        load_reason_config(None, ["distill.sft.learning_rate=1"])
