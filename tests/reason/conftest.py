@@ -58,3 +58,20 @@ def save_tiny_model(tokenizer_dir: Path, out: Path, seed: int = 0, **overrides) 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return save_tiny_model(tokenizer_dir, tmp_path_factory.mktemp("reason_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny transformers Llama (a non-frugalm student) with the test tokenizer, in HF format."""
+    transformers = pytest.importorskip("transformers")
+    from frugalm.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=160,
+                                   bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    out = tmp_path_factory.mktemp("reason_llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    tok.save(out)
+    return out

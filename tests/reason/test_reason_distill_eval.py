@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from frugalm.reason.config import load_reason_config
 from frugalm.reason.distill import Trace, read_traces, rejection_sample, write_traces
 from frugalm.reason.evaluate import evaluate_task
@@ -44,6 +42,43 @@ def test_jsonl_traces_are_verified(tmp_path):
     assert len(read_traces(path, None)[0]) == 6  # black-box, unchecked
 
 
+def test_distill_from_jsonl_keeps_exactly_the_verified_traces_and_trains_the_student_on_them(tiny_llama_dir, tmp_path):
+    """Black-box distillation end to end: correct, wrong-answer and malformed traces in; exactly the correct
+    ones are kept (traces.jsonl), become the student's SFT examples, and its loss on them falls."""
+    from frugalm.reason.sft import build_sft_data, masked_val_loss, train_config_for
+
+    examples = TASK.examples("train", 12, 0)
+    rows, correct = [], []
+    for i, e in enumerate(examples):
+        if i % 3 == 0:
+            completion = render_response(e.reasoning, e.answer)
+            correct.append({"prompt": e.prompt, "completion": completion, "answer": e.answer})
+        elif i % 3 == 1:
+            completion = render_response(e.reasoning, str(int(e.answer) + 1))  # well formed, wrong sum
+        else:
+            completion = f"{e.reasoning} so the answer is <answer>{e.answer}</answer>"  # right sum, no <think>
+        rows.append({"prompt": e.prompt, "completion": completion, "answer": e.answer, **e.columns})
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg()
+
+    def loss_on_kept(model_dir) -> float:
+        policy = load_policy(model_dir, device="cpu")
+        pairs = [(t["prompt"], t["completion"]) for t in correct]
+        data = build_sft_data(policy.tokenizer, pairs, pairs, cfg.distill.sft, cfg.task.instruction)
+        return masked_val_loss(policy.model, policy.logits, data, train_config_for(cfg.distill.sft), policy.device)
+
+    out = distill_stage(TASK, cfg, tmp_path / "run", student=tiny_llama_dir, traces_path=path, progress=False,
+                        export_to=tmp_path / "student")
+    assert len(correct) == 4
+    assert out["traces"]["prompts"] == 12 and out["traces"]["verified"] == out["traces"]["kept"] == 4
+    kept = [json.loads(line) for line in (tmp_path / "run" / "traces.jsonl").read_text().splitlines()]
+    assert kept == correct
+    assert out["examples"] == 4 and out["dropped_too_long"] == 0 and out["steps"] == 3
+    before, after = loss_on_kept(tiny_llama_dir), loss_on_kept(tmp_path / "student")
+    assert after < before
+
+
 def test_rejection_sampling_keeps_only_verified_completions(tiny_model_dir):
     teacher = load_policy(tiny_model_dir, device="cpu")
     cfg = _cfg(**{"distill.num_prompts": 6, "distill.samples_per_prompt": 3, "distill.max_completion_length": 8})
@@ -64,19 +99,9 @@ def test_distill_into_fresh_smaller_frugalm_student(tiny_model_dir, tmp_path):
     assert (tmp_path / "run" / "traces.jsonl").is_file()
 
 
-def test_distill_into_a_transformers_student(tokenizer_dir, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from frugalm.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=160,
-                                   bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    student_dir = tmp_path / "llama"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(student_dir, safe_serialization=True)
-    tok.save(student_dir)
+def test_distill_into_a_transformers_student(tiny_llama_dir, tmp_path):
     path = write_traces(tmp_path / "in.jsonl", _traces())
-    out = distill_stage(TASK, _cfg(), tmp_path / "run", student=student_dir, traces_path=path, progress=False,
+    out = distill_stage(TASK, _cfg(), tmp_path / "run", student=tiny_llama_dir, traces_path=path, progress=False,
                         export_to=tmp_path / "student")
     assert out["student_kind"] == "hf" and out["steps"] == 3
     policy = load_policy(tmp_path / "student", device="cpu")

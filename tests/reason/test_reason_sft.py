@@ -96,3 +96,77 @@ def test_masked_cross_entropy_means_over_labelled_positions_and_is_zero_with_a_g
     assert none.item() == 0.0 and none.requires_grad
     none.backward()
     assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_hf_sft_resumes_exactly_past_a_crash_mid_checkpoint_write(tiny_llama_dir, tmp_path, capsys):
+    """A transformers student's SFT run set up like the trainer's: a half-written checkpoint write is deleted,
+    a torn checkpoint quarantined, and the run continues from the newest valid one to the uninterrupted result."""
+    import shutil
+
+    from frugalm.config import ConfigError
+    from frugalm.reason.hf_sft import run_hf_sft
+    from frugalm.reason.policy import load_policy
+
+    tok = load_tokenizer(tiny_llama_dir)
+    task = AdditionTask(max_size=2, heldout_size=3)
+    cfg = _cfg(checkpoint_every=1, keep_checkpoints=4, eval_every=4)
+    data = lambda: build_sft_data(tok, task_pairs(task, "train", 24, 0), task_pairs(task, "test", 4, 0), cfg,  # noqa: E731
+                                  DEFAULT_INSTRUCTION)
+    full = run_hf_sft(load_policy(tiny_llama_dir, device="cpu"), data(), cfg, tmp_path / "full", progress=False)
+    assert full["steps"] == 4 and not (tmp_path / "full" / "checkpoints" / ".tmp-step-000004").exists()
+    # What a crash during step 3's and step 4's checkpoint writes leaves behind (the run had reached step 2):
+    # step-3 renamed into place but torn afterwards (truncated weights), step 4 killed mid-write in its .tmp-*.
+    src, crashed = tmp_path / "full" / "checkpoints", tmp_path / "crashed" / "checkpoints"
+    for name in ("step-000002", "step-000003"):
+        shutil.copytree(src / name, crashed / name)
+    torn = crashed / "step-000003" / "model.safetensors"
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    half = crashed / ".tmp-step-000004-0badc0de"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes((src / "step-000004" / "model.safetensors").read_bytes()[:1000])
+
+    with pytest.raises(ConfigError, match="already holds an SFT run .step-000003.; pass --resume"):
+        run_hf_sft(load_policy(tiny_llama_dir, device="cpu"), data(), cfg, tmp_path / "crashed", progress=False)
+    capsys.readouterr()
+    resumed = run_hf_sft(load_policy(tiny_llama_dir, device="cpu"), data(), cfg, tmp_path / "crashed",
+                         resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "removed the unfinished checkpoint write .tmp-step-000004-0badc0de" in err
+    assert "continuing from" in err and "step-000002 (step 2)" in err
+    assert not half.exists() and len(list(crashed.glob("step-000003.invalid-*"))) == 1
+    assert resumed["steps"] == 4 and resumed["final_loss"] == full["final_loss"]
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "crashed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # --overwrite starts again: the old checkpoints and final model are cleared first
+    run_hf_sft(load_policy(tiny_llama_dir, device="cpu"), data(), _cfg(max_steps=1, checkpoint_every=1), tmp_path / "crashed",
+               overwrite=True, progress=False)
+    assert sorted(p.name for p in crashed.iterdir()) == ["step-000001"]
+
+
+def test_sft_and_hf_sft_share_the_masked_validation_loss(tiny_llama_dir, tiny_model_dir):
+    """One validation loop for both students; it equals a hand computation over the assistant tokens."""
+    import torch.nn.functional as F
+
+    from frugalm.reason.policy import load_policy
+    from frugalm.reason.sft import masked_val_loss, train_config_for
+
+    task = AdditionTask(max_size=2, heldout_size=3)
+    cfg = _cfg(eval_batches=2, batch_size=2)
+    tc = train_config_for(cfg)
+    for model_dir in (tiny_llama_dir, tiny_model_dir):
+        policy = load_policy(model_dir, device="cpu")
+        data = build_sft_data(policy.tokenizer, task_pairs(task, "train", 4, 0), task_pairs(task, "test", 4, 0), cfg,
+                              DEFAULT_INSTRUCTION)
+        policy.model.train()
+        got = masked_val_loss(policy.model, policy.logits, data, tc, policy.device)
+        assert policy.model.training  # the mode is restored
+        policy.model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in data.val_batches(2, cfg.seq_len, max_batches=2):
+                inputs, labels = split_masked(batch)
+                keep = labels != IGNORE_INDEX
+                total += float(F.cross_entropy(policy.logits(inputs)[keep].float(), labels[keep], reduction="sum"))
+                count += int(keep.sum())
+        assert count > 0 and got == pytest.approx(total / count, rel=1e-5)

@@ -122,3 +122,38 @@ def test_resaving_a_step_replaces_it(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 2, tensors, objects)
     assert ckpt.load_checkpoint(path).json["state"]["note"] == "second"
     assert [p.name for p in tmp_path.iterdir()] == ["step-000002"]
+
+
+def test_run_dir_refuses_an_existing_run_unless_resumed_or_overwritten(tmp_path):
+    from frugalm.config import ConfigError
+
+    root = tmp_path / "checkpoints"
+    ckpt.prepare_run_dir(tmp_path, root, resume=False, overwrite=False, what="a GRPO run")  # nothing there yet
+    save(root, 3)
+    (tmp_path / "final").mkdir()
+    with pytest.raises(ConfigError, match=r"already holds a GRPO run \(step-000003\); pass --resume to continue it, "
+                                          r"--overwrite to start again"):
+        ckpt.prepare_run_dir(tmp_path, root, resume=False, overwrite=False, what="a GRPO run")
+    ckpt.prepare_run_dir(tmp_path, root, resume=True, overwrite=False, what="a GRPO run")
+    ckpt.prepare_run_dir(tmp_path, root, resume=False, overwrite=True, what="a GRPO run", clear=("final",),
+                         delete=False)  # a rank that does not write: checks only
+    assert (tmp_path / "final").is_dir() and ckpt.list_checkpoints(root)
+    ckpt.prepare_run_dir(tmp_path, root, resume=False, overwrite=True, what="a GRPO run", clear=("final",))
+    assert not root.exists() and not (tmp_path / "final").exists()
+
+
+def test_resume_checkpoint_cleans_up_then_picks_the_newest_valid(tmp_path):
+    said = []
+    assert ckpt.resume_checkpoint(tmp_path, said.append) is None
+    assert said == [f"resume: no checkpoint in {tmp_path}; starting from step 0"]
+    good = save(tmp_path, 2)
+    torn = save(tmp_path, 4)
+    os.truncate(torn / "model.safetensors", 10)
+    half = tmp_path / ".tmp-step-000006-deadbeef"
+    half.mkdir()
+    said.clear()
+    assert ckpt.resume_checkpoint(tmp_path, said.append, clean=False) == good  # only looks
+    assert half.exists() and torn.exists() and said == []
+    assert ckpt.resume_checkpoint(tmp_path, said.append) == good
+    assert said == ["resume: removed the unfinished checkpoint write .tmp-step-000006-deadbeef"]
+    assert not half.exists() and not torn.exists() and len(list(tmp_path.glob("step-000004.invalid-*"))) == 1

@@ -2,48 +2,38 @@
 
 frugalm's `Trainer` builds its own DeepSeek-V3, so it cannot host a foreign architecture; this loop
 reuses its parts instead (AdamW, the LR schedule, gradient clipping, atomic safetensors checkpoints,
-metrics.jsonl) and the same masked batches as `frugalm.reason.sft`. Checkpoints hold the model,
-optimizer and data position, so `resume=True` continues an interrupted run.
+metrics.jsonl) and the same masked batches and validation loss as `frugalm.reason.sft`. Checkpoints hold
+the model, optimizer and data position, so `resume=True` continues an interrupted run; the run folder
+is set up as the trainer's (`checkpoint.prepare_run_dir` / `resume_checkpoint`: refuse an existing run,
+clear it on overwrite, and on resume delete half-written checkpoint writes and quarantine invalid ones).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from frugalm.config import ConfigError
 from frugalm.reason.config import SFTConfig
 from frugalm.reason.policy import Policy
-from frugalm.reason.sft import masked_cross_entropy, train_config_for
-from frugalm.reason.sft_data import IGNORE_INDEX, SFTData, split_masked
+from frugalm.reason.sft import masked_cross_entropy, masked_val_loss, train_config_for
+from frugalm.reason.sft_data import SFTData, split_masked
 from frugalm.train import checkpoint as ckpt
 from frugalm.train.metrics import MetricsLogger, plot_run
 from frugalm.train.optim import AdamW, clip_gradients_
 from frugalm.train.schedule import lr_at
-from frugalm.train.trainer import load_model_tensors, model_tensors
+from frugalm.train.trainer import CHECKPOINT_DIR, FINAL_DIR, load_model_tensors, model_tensors
 
 
-@torch.no_grad()
-def masked_val_loss(policy: Policy, data: SFTData, batch_size: int, seq_len: int, max_batches: int) -> float:
-    total, count = 0.0, 0
-    was = policy.model.training
-    policy.model.eval()
-    try:
-        for batch in data.val_batches(batch_size, seq_len, max_batches=max_batches):
-            inputs, labels = split_masked(batch.to(policy.device))
-            n = int((labels != IGNORE_INDEX).sum())
-            if n:
-                total += float(masked_cross_entropy(policy.logits(inputs), labels, reduction="sum"))
-                count += n
-    finally:
-        policy.model.train(was)
-    return total / count if count else float("nan")
+def _say(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Path, *, resume: bool = False,
@@ -52,11 +42,8 @@ def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Pat
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    root = out / "checkpoints"
-    if ckpt.list_checkpoints(root) and not resume:
-        if not overwrite:
-            raise ConfigError(f"{out} already holds an SFT run; pass --resume or --overwrite")
-        shutil.rmtree(root)
+    root = out / CHECKPOINT_DIR
+    ckpt.prepare_run_dir(out, root, resume=resume, overwrite=overwrite, what="an SFT run", clear=(FINAL_DIR,))
     out.mkdir(parents=True, exist_ok=True)
     tc = train_config_for(sft)
     if sft.num_threads:
@@ -68,13 +55,14 @@ def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Pat
     params = [p for p in model.parameters() if p.requires_grad]
     sampler = data.train_sampler(tc.batch_size, tc.seq_len, tc.seed)
     step = 0
-    if resume and (path := ckpt.latest_valid_checkpoint(root, quarantine=True)) is not None:
+    if resume and (path := ckpt.resume_checkpoint(root, _say)) is not None:
         loaded = ckpt.load_checkpoint(path, device=policy.device)
         state = loaded.json["state"]
         load_model_tensors(model, loaded.tensors["model"], state["model_aliases"])
         optimizer.load_tensor_state(loaded.tensors["optimizer"], state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         step = int(state["step"])
+        _say(f"resume: continuing from {path} (step {step})")
     metrics = MetricsLogger(out, resume_step=step if step else None, tensorboard=False)
     t0 = time.perf_counter()
     losses: dict[int, float] = {}
@@ -108,7 +96,7 @@ def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Pat
             losses[step] = total
             record: dict[str, Any] = {"step": step, "loss": total, "lr": lr, "grad_norm": norm}
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
-                val[step] = record["val_loss"] = masked_val_loss(policy, data, tc.batch_size, tc.seq_len, tc.eval_batches)
+                val[step] = record["val_loss"] = masked_val_loss(model, policy.logits, data, tc, policy.device)
             if step % tc.log_every == 0 or "val_loss" in record or step == tc.max_steps:
                 metrics.log(record)
             bar.update(1)
@@ -118,7 +106,7 @@ def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Pat
     finally:
         bar.close()
         metrics.close()
-    final = policy.save(out / "final")
+    final = policy.save(out / FINAL_DIR)
     plot = plot_run(out)
     summary = {"steps": step, "final_loss": losses.get(step), "val_losses": val, "wall_s": time.perf_counter() - t0,
                "final_model": str(final), "plot": str(plot) if plot else None}

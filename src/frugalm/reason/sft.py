@@ -11,13 +11,15 @@ which builds its own DeepSeek-V3; `frugalm.reason.hf_sft` trains those with the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from frugalm.reason.config import SFTConfig
 from frugalm.reason.response_format import render_response
@@ -65,6 +67,33 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: 
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
+@torch.no_grad()
+def masked_val_loss(model: nn.Module, logits_fn: Callable[[torch.Tensor], torch.Tensor], data: SFTData,
+                    tc: TrainConfig, device: torch.device, *, max_batches: Optional[int] = None,
+                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
+    """Mean CE over the assistant tokens of the first `eval_batches` validation batches (NaN if none).
+
+    `model` is switched to eval mode for the pass; `logits_fn` maps input ids to logits (the model
+    itself, or `Policy.logits` for a transformers model)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in data.val_batches(tc.eval_batch_size or tc.batch_size, tc.seq_len,
+                                      max_batches=max_batches or tc.eval_batches):
+            inputs, labels = split_masked(batch.to(device))
+            n = int((labels != IGNORE_INDEX).sum())
+            if not n:
+                continue
+            with autocast():
+                logits = logits_fn(inputs)
+            total += float(masked_cross_entropy(logits, labels, reduction="sum"))
+            count += n
+    finally:
+        model.train(was_training)
+    return total / count if count else float("nan")
+
+
 class SFTTrainer(Trainer):
     """The trainer, initialised from `init_from` (an HF-format frugalm checkpoint), on masked SFT batches."""
 
@@ -93,26 +122,10 @@ class SFTTrainer(Trainer):
     split_batch = staticmethod(split_masked)
     cross_entropy = staticmethod(masked_cross_entropy)
 
-    @torch.no_grad()
     def evaluate(self, max_batches: Optional[int] = None) -> float:
         """Mean CE over the assistant tokens of the validation examples."""
-        tc = self.cfg.train
-        was_training = self.model.training
-        self.model.eval()
-        total, count = 0.0, 0
-        try:
-            for batch in self.data.val_batches(tc.eval_batch_size or tc.batch_size, tc.seq_len,
-                                               max_batches=max_batches or tc.eval_batches):
-                inputs, labels = split_masked(batch.to(self.device))
-                with self.autocast():
-                    logits = self.model(inputs)
-                n = int((labels != IGNORE_INDEX).sum())
-                if n:
-                    total += float(masked_cross_entropy(logits, labels, reduction="sum"))
-                    count += n
-        finally:
-            self.model.train(was_training)
-        return total / count if count else float("nan")
+        return masked_val_loss(self.model, self.model, self.data, self.cfg.train, self.device,
+                               max_batches=max_batches, autocast=self.autocast)
 
 
 def sft_run_config(init_from: str | Path, sft: SFTConfig) -> RunConfig:

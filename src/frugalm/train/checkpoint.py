@@ -6,6 +6,9 @@ size and sha256 of every file), written last. A checkpoint is built in ``<root>/
 every file and the folder are fsync'ed, and only then is it renamed to ``step-000123``: a crash at any
 moment leaves either the complete checkpoint or a ``.tmp-*`` folder that resume ignores and deletes.
 No pickle anywhere: a checkpoint can be loaded from an untrusted source without running code.
+`prepare_run_dir` and `resume_checkpoint` are the run-folder rules every loop that writes these uses
+(the trainer, GRPO, the transformers-student SFT): refuse an existing run, clear it on --overwrite,
+resume from the newest valid checkpoint after deleting unfinished writes and quarantining invalid ones.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -186,6 +189,41 @@ def remove_partial_writes(root: str | Path) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
+
+
+# ---------------------------------------------------------------------------------------- run folders
+def prepare_run_dir(out_dir: str | Path, root: str | Path, *, resume: Any, overwrite: bool, what: str,
+                    clear: tuple[str, ...] = (), delete: bool = True) -> None:
+    """Refuse to start a new run over one that has checkpoints in `root`, unless resuming or overwriting.
+
+    ``overwrite`` deletes `root` and the outputs named in `clear` (relative to `out_dir`); ``delete=False``
+    (a rank other than the writing one) only checks. `what` names the run in the message ("a GRPO run").
+    """
+    existing = list_checkpoints(root)
+    if resume or not existing:
+        return
+    if not overwrite:
+        raise ConfigError(f"{out_dir} already holds {what} ({existing[-1].name}); pass --resume to continue it, "
+                          f"--overwrite to start again, or choose another --out")
+    if delete:
+        shutil.rmtree(root)
+        for name in clear:
+            shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
+
+
+def resume_checkpoint(root: str | Path, say: Callable[[str], None], *, clean: bool = True) -> Optional[Path]:
+    """The checkpoint a resumed run continues from, or None (said) when `root` holds none.
+
+    With `clean` (the writing process) leftovers of writes a crash interrupted are deleted and invalid
+    checkpoints quarantined first (`latest_valid_checkpoint`); other ranks only look, after it did.
+    """
+    if clean:
+        for p in remove_partial_writes(root):
+            say(f"resume: removed the unfinished checkpoint write {p.name}")
+    path = latest_valid_checkpoint(root, quarantine=clean)
+    if path is None:
+        say(f"resume: no checkpoint in {root}; starting from step 0")
+    return path
 
 
 # ---------------------------------------------------------------------------------------- reading

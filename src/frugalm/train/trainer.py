@@ -355,20 +355,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
     def _check_out_dir(self, resume: bool | str | Path, overwrite: bool) -> None:
-        existing = ckpt.list_checkpoints(self.ckpt_root)
-        if resume or not existing:
-            return
-        if overwrite:
-            if not self.is_main:
-                return
-            shutil.rmtree(self.ckpt_root)
-            for name in (FINAL_DIR, "tb"):
-                shutil.rmtree(self.out_dir / name, ignore_errors=True)
-            return
-        raise ConfigError(
-            f"{self.out_dir} already holds a training run ({existing[-1].name}); pass --resume to continue it, "
-            f"--overwrite to start again, or choose another --out"
-        )
+        ckpt.prepare_run_dir(self.out_dir, self.ckpt_root, resume=resume, overwrite=overwrite, what="a training run",
+                             clear=(FINAL_DIR, "tb"), delete=self.is_main)
 
     def _apply_fp8(self, model: nn.Module) -> nn.Module:
         """FP8 training (DeepSeek-V3 §3.3) is applied from outside the model, when [fp8] enabled."""
@@ -451,16 +439,12 @@ class Trainer:
         if resume is True:
             if self.mesh is not None and not self.is_main:
                 self._barrier()  # rank 0 cleans up and quarantines first; the others then find the same one
-                path = ckpt.latest_valid_checkpoint(self.ckpt_root)
+                path = ckpt.resume_checkpoint(self.ckpt_root, self.say, clean=False)
             else:
-                removed = ckpt.remove_partial_writes(self.ckpt_root)
-                for p in removed:
-                    self.say(f"resume: removed the unfinished checkpoint write {p.name}")
-                path = ckpt.latest_valid_checkpoint(self.ckpt_root, quarantine=True)
+                path = ckpt.resume_checkpoint(self.ckpt_root, self.say)
                 if self.mesh is not None:
                     self._barrier()
             if path is None:
-                self.say(f"resume: no checkpoint in {self.ckpt_root}; starting from step 0")
                 return
         else:
             path = Path(resume)

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -240,21 +239,13 @@ class GRPOTrainer:
             tqdm.write(message, file=sys.stderr)
 
     def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
-        existing = ckpt.list_checkpoints(self.ckpt_root)
-        if existing and not resume:
-            if not overwrite:
-                raise ConfigError(f"{self.out_dir} already holds a GRPO run ({existing[-1].name}); pass --resume to "
-                                  "continue it, --overwrite to start again, or choose another --out")
-            shutil.rmtree(self.ckpt_root)
-            shutil.rmtree(self.out_dir / FINAL_DIR, ignore_errors=True)
+        ckpt.prepare_run_dir(self.out_dir, self.ckpt_root, resume=resume, overwrite=overwrite, what="a GRPO run",
+                             clear=(FINAL_DIR,))
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
     def _resume(self) -> None:
-        for p in ckpt.remove_partial_writes(self.ckpt_root):
-            self.say(f"resume: removed the unfinished checkpoint write {p.name}")
-        path = ckpt.latest_valid_checkpoint(self.ckpt_root, quarantine=True)
+        path = ckpt.resume_checkpoint(self.ckpt_root, self.say)
         if path is None:
-            self.say(f"resume: no checkpoint in {self.ckpt_root}; starting from step 0")
             return
         loaded = ckpt.load_checkpoint(path, device=self.policy.device)
         state = loaded.json["state"]
