@@ -88,3 +88,33 @@ def test_r1_pipeline_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert report["stages_test"]["grpo"]["pass_at_k"] is None and report["stages_test"]["grpo"]["n"] == 4
     assert "pass@k is not measured" in report["verdict"]["test"]["summary"]
     assert report["seconds"]["grpo"] > 0
+
+
+def test_training_commands_share_one_stage_runner(tmp_path, capsys):
+    """sft/grpo/distill run their stage through `run_stage`: the resolved config is saved first, task and
+    value errors become exit 2 with the command's name, an interrupted stage exits 130."""
+    import argparse
+    from dataclasses import dataclass
+
+    from frugalm.reason.commands.common import run_stage
+
+    def args(out):
+        return argparse.Namespace(config=None, overrides=["sft.max_steps=3"], task="addition", out=str(out))
+
+    seen = []
+    cfg, summary, status = run_stage("sft", args(tmp_path / "ok"), lambda task, cfg: seen.append(task.name) or {"steps": 3})
+    assert status is None and summary == {"steps": 3} and cfg.sft.max_steps == 3 and seen == ["addition"]
+    assert "max_steps = 3" in (tmp_path / "ok" / "reason_config.toml").read_text()
+
+    def broken(task, cfg):
+        raise ValueError("no such checkpoint")
+    assert run_stage("grpo", args(tmp_path / "bad"), broken)[2] == 2
+    assert "frugalm grpo: error: no such checkpoint" in capsys.readouterr().err
+
+    @dataclass
+    class Summary:
+        interrupted: bool
+    assert run_stage("grpo", args(tmp_path / "i1"), lambda task, cfg: Summary(True))[2] == 130
+    assert run_stage("grpo", args(tmp_path / "i2"), lambda task, cfg: Summary(False))[2] is None
+    assert run_stage("distill", args(tmp_path / "i3"), lambda task, cfg: {"interrupted": True})[2] == 130
+    assert run_stage("distill", args(tmp_path / "i4"), lambda task, cfg: {"task": task}, needs_task=False)[1] == {"task": None}

@@ -130,6 +130,23 @@ def test_batch_must_divide_by_group_size():
     assert GRPOConfig(batch_size=32, group_size=8).prompts_per_step == 4
 
 
+def test_count_checks_keep_their_wording_in_every_section():
+    """[sft] [grpo] [distill] [r1] share one count check; each section's prefix and wording are unchanged."""
+    from frugalm.reason.config import DistillConfig, R1Config, SFTConfig
+
+    with pytest.raises(ConfigError) as e:
+        SFTConfig(batch_size=0, max_steps=-1)
+    assert str(e.value) == "invalid [sft] config: batch_size must be > 0 (got 0); max_steps must be > 0 (got -1)"
+    with pytest.raises(ConfigError) as e:
+        GRPOConfig(eval_size=0, eval_every=-1)
+    assert str(e.value) == "invalid [grpo] config: eval_size must be > 0 (got 0); eval_every must be >= 0 (got -1)"
+    with pytest.raises(ConfigError, match=r"^invalid \[distill\] config: max_per_prompt must be > 0 \(got 0\)$"):
+        DistillConfig(max_per_prompt=0)
+    R1Config(eval_n=None, pretrained_eval_n=None)  # None means "as [eval]" and passes
+    with pytest.raises(ConfigError, match=r"^invalid \[r1\] config: eval_n must be > 0 \(got 0\)$"):
+        R1Config(eval_n=0)
+
+
 def test_pass_at_k_matches_brute_force():
     from itertools import combinations
 

@@ -170,3 +170,23 @@ def test_sft_and_hf_sft_share_the_masked_validation_loss(tiny_llama_dir, tiny_mo
                 total += float(F.cross_entropy(policy.logits(inputs)[keep].float(), labels[keep], reduction="sum"))
                 count += int(keep.sum())
         assert count > 0 and got == pytest.approx(total / count, rel=1e-5)
+
+
+def test_every_sft_field_the_trainer_shares_reaches_it():
+    """[sft] re-declares the trainer's fields (its own defaults, its own section); each one must reach the
+    trainer's `TrainConfig` (decay_fraction once did not), including any added later."""
+    import dataclasses
+
+    from frugalm.reason.sft import train_config_for
+    from frugalm.train.config import TrainConfig
+
+    shared = {f.name for f in dataclasses.fields(SFTConfig)} & {f.name for f in dataclasses.fields(TrainConfig)}
+    changed = dict(seq_len=96, batch_size=3, grad_accum=2, max_steps=7, lr=2e-3, min_lr=1e-4, warmup_steps=3,
+                   schedule="wsd", decay_fraction=0.4, weight_decay=0.05, grad_clip=0.5, mtp_weight=0.1,
+                   bias_update_gamma=0.002, eval_every=5, eval_batches=3, checkpoint_every=4, keep_checkpoints=3,
+                   log_every=2, seed=7, device="cpu", precision="bf16", num_threads=1)
+    assert set(changed) == shared, "give each shared field a non-default value here"
+    sft = SFTConfig(**changed)
+    assert all(changed[k] != getattr(SFTConfig(), k) for k in changed)
+    tc = train_config_for(sft)
+    assert {k: getattr(tc, k) for k in shared} == changed

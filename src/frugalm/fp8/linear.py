@@ -24,9 +24,10 @@ output dtype as `nn.Linear` would, and its operand is saved in that precision in
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +59,37 @@ def _no_autocast(device_type: str) -> torch.autocast:
     return torch.autocast(device_type, enabled=False)
 
 
+def _autocast_off(backward: Callable[[Any, Tensor], tuple]) -> Callable[[Any, Tensor], tuple]:
+    """Run an autograd Function's ``backward(ctx, dy)`` with autocast off on dy's device.
+
+    Both FP8 Functions pick every operand's dtype themselves (see the module docstring); the backward
+    pass can run under an enclosing autocast region too, so each needs this and one wrapper keeps
+    them alike. Use under ``@staticmethod``.
+    """
+    @functools.wraps(backward)
+    def wrapped(ctx: Any, dy: Tensor) -> tuple:
+        with _no_autocast(dy.device.type):
+            return backward(ctx, dy)
+
+    return wrapped
+
+
+def _weight_for_fprop_and_dgrad(
+    weight: Tensor, fp8_gemms: frozenset, keep_for_dgrad: bool, power_of_two: bool
+) -> tuple[Optional[FP8Tensor], tuple[Optional[Tensor], Optional[Tensor]]]:
+    """The FP8 weight (made once, only if Fprop or a needed Dgrad takes FP8) and what backward keeps of
+    the weight for Dgrad: ``(data, scale)`` of that same FP8 weight, ``(weight, None)`` when Dgrad is
+    left out of FP8 by ``gemms``, or ``(None, None)`` when no input gradient is needed.
+
+    Dense and grouped (``[E, out, in]``) weights follow the same rule, so it is written once.
+    """
+    fp8_dgrad = keep_for_dgrad and "dgrad" in fp8_gemms
+    wq = quantize_weight(weight, power_of_two=power_of_two) if "fprop" in fp8_gemms or fp8_dgrad else None
+    if not keep_for_dgrad:
+        return wq, (None, None)
+    return wq, ((wq.data, wq.scale) if fp8_dgrad else (weight.detach(), None))
+
+
 class _FP8LinearFunction(torch.autograd.Function):
     """y = x W^T (+ b) with FP8 Fprop/Dgrad/Wgrad; see the module docstring for the tilings.
 
@@ -83,23 +115,20 @@ class _FP8LinearFunction(torch.autograd.Function):
         if x.shape[-1] != in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the weight expects {in_features}")
         x2 = x.reshape(-1, in_features)
-        fp8_dgrad = keep_for_dgrad and "dgrad" in fp8_gemms
-        wq = quantize_weight(weight, power_of_two=power_of_two) if "fprop" in fp8_gemms or fp8_dgrad else None
+        wq, w_saved = _weight_for_fprop_and_dgrad(weight, fp8_gemms, keep_for_dgrad, power_of_two)
         if "fprop" in fp8_gemms:
             y = gemm.gemm(quantize_activation(x2, power_of_two=power_of_two), wq, torch.float32)
         else:
             y = torch.matmul(x2.to(out_dtype), weight.to(out_dtype).t()).float()
         if bias is not None:
             y = y + bias.float()
-        x_saved = w_saved = (None, None)
+        x_saved = (None, None)
         if keep_for_wgrad:
             if "wgrad" in fp8_gemms:
                 xw = quantize_for_wgrad(x2, power_of_two=power_of_two)
                 x_saved = (xw.data, xw.scale)
             else:
                 x_saved = (x2.detach().to(out_dtype), None)
-        if keep_for_dgrad:
-            w_saved = (wq.data, wq.scale) if fp8_dgrad else (weight.detach(), None)
         ctx.save_for_backward(*x_saved, *w_saved)
         ctx.gemm, ctx.power_of_two, ctx.fp8_gemms, ctx.hp_dtype = gemm, power_of_two, fp8_gemms, out_dtype
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
@@ -108,12 +137,8 @@ class _FP8LinearFunction(torch.autograd.Function):
         return y.to(out_dtype).reshape(*x.shape[:-1], out_features)
 
     @staticmethod
+    @_autocast_off
     def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        with _no_autocast(dy.device.type):
-            return _FP8LinearFunction._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
         x_a, x_b, w_a, w_b = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -269,8 +294,7 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
             raise ValueError(f"expected x [N, in] and w [E, out, in], got {tuple(x.shape)} and {tuple(w.shape)}")
         n_experts, out_features, _ = w.shape
         bounds = _group_bounds(offs, n_experts, x.shape[0])
-        fp8_dgrad = keep_for_dgrad and "dgrad" in fp8_gemms
-        wq = quantize_weight(w, power_of_two=power_of_two) if "fprop" in fp8_gemms or fp8_dgrad else None
+        wq, w_saved = _weight_for_fprop_and_dgrad(w, fp8_gemms, keep_for_dgrad, power_of_two)
         y = torch.zeros(x.shape[0], out_features, dtype=out_dtype, device=x.device)
         if "fprop" in fp8_gemms:
             _grouped_gemm(gemm, quantize_activation(x, power_of_two=power_of_two), wq, bounds, y, transpose_b=False)
@@ -285,22 +309,15 @@ class _FP8GroupedLinearFunction(torch.autograd.Function):
                     x_b = torch.cat([p.scale for p in parts])
             else:
                 x_a = x.detach().to(out_dtype)
-        w_a = w_b = None
-        if keep_for_dgrad:
-            w_a, w_b = (wq.data, wq.scale) if fp8_dgrad else (w.detach(), None)
-        ctx.save_for_backward(x_a, x_b, w_a, w_b)
+        ctx.save_for_backward(x_a, x_b, *w_saved)
         ctx.bounds, ctx.gemm, ctx.power_of_two = bounds, gemm, power_of_two
         ctx.fp8_gemms, ctx.hp_dtype = fp8_gemms, out_dtype
         ctx.x_shape, ctx.x_dtype, ctx.w_shape, ctx.w_dtype = x.shape, x.dtype, w.shape, w.dtype
         return y
 
     @staticmethod
+    @_autocast_off
     def backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        with _no_autocast(dy.device.type):
-            return _FP8GroupedLinearFunction._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
         x_a, x_b, w_a, w_b = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[:2]
         device, hp = dy.device, ctx.hp_dtype

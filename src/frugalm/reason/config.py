@@ -35,6 +35,24 @@ def _check_sampling(problems: list[str], temperature: float, top_p: float, top_k
         problems.append(f"max_completion_length must be >= 1 (got {max_len})")
 
 
+def _check_counts(problems: list[str], cfg: object, *, positive: tuple[str, ...] = (),
+                  non_negative: tuple[str, ...] = (), optional: bool = False) -> None:
+    """Append "NAME must be > 0 (got V)" / "NAME must be >= 0 (got V)" for each named field of `cfg` out of range.
+
+    Every section checks its sizes, steps and cadences the same way and with the same wording (tests and
+    users match these messages), so the rule lives here once. ``optional`` lets None pass (a field whose
+    None means "use the default"); without it a None is compared like any value, as before.
+    """
+    for name in positive:
+        value = getattr(cfg, name)
+        if not (optional and value is None) and value <= 0:
+            problems.append(f"{name} must be > 0 (got {value})")
+    for name in non_negative:
+        value = getattr(cfg, name)
+        if not (optional and value is None) and value < 0:
+            problems.append(f"{name} must be >= 0 (got {value})")
+
+
 @dataclass
 class TaskConfig:
     """Which problems, how hard, and the instruction appended to each question."""
@@ -92,10 +110,9 @@ class SFTConfig:
     num_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
-        problems = []
-        for name in ("num_examples", "val_examples", "seq_len", "batch_size", "grad_accum", "max_steps"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
+        problems: list[str] = []
+        _check_counts(problems, self, positive=("num_examples", "val_examples", "seq_len", "batch_size", "grad_accum",
+                                                "max_steps"))
         _problems_to_error("sft", problems)
 
 
@@ -153,10 +170,9 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        for name in ("max_steps", "group_size", "batch_size", "micro_batch_size", "generation_batch_size",
-                     "num_iterations", "train_size", "eval_size", "log_every", "keep_checkpoints"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
+        _check_counts(problems, self, positive=("max_steps", "group_size", "batch_size", "micro_batch_size",
+                                                "generation_batch_size", "num_iterations", "train_size", "eval_size",
+                                                "log_every", "keep_checkpoints"))
         if self.group_size == 1:
             problems.append("group_size must be >= 2: advantages compare completions of the same prompt")
         if self.group_size > 0 and self.batch_size % self.group_size:
@@ -175,10 +191,8 @@ class GRPOConfig:
             problems.append(f"epsilon_low must be in [0, 1) (got {self.epsilon_low})")
         if self.epsilon_high < 0:
             problems.append(f"epsilon_high must be >= 0 (got {self.epsilon_high})")
-        for name in ("eval_every", "checkpoint_every", "ref_reset_every", "max_resample_rounds", "warmup_steps",
-                     "overlong_buffer"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
+        _check_counts(problems, self, non_negative=("eval_every", "checkpoint_every", "ref_reset_every",
+                                                    "max_resample_rounds", "warmup_steps", "overlong_buffer"))
         unknown = [r for r in self.reward_funcs if r not in REWARD_NAMES]
         if unknown:
             problems.append(f"unknown reward(s) {unknown}; built-in rewards: {list(REWARD_NAMES)} "
@@ -224,9 +238,8 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        for name in ("num_prompts", "samples_per_prompt", "max_per_prompt", "generation_batch_size"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
+        _check_counts(problems, self, positive=("num_prompts", "samples_per_prompt", "max_per_prompt",
+                                                "generation_batch_size"))
         _check_sampling(problems, self.temperature, self.top_p, self.top_k, self.max_completion_length)
         _problems_to_error("distill", problems)
 
@@ -299,13 +312,10 @@ class R1Config:
     num_threads: Optional[int] = 1
 
     def __post_init__(self) -> None:
-        problems = []
+        problems: list[str] = []
         if self.sft_check_every <= 0 or self.sft_check_size <= 0:
             problems.append("sft_check_every and sft_check_size must be > 0")
-        for name in ("also_eval_k", "eval_n", "pretrained_eval_n"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                problems.append(f"{name} must be > 0 (got {v})")
+        _check_counts(problems, self, positive=("also_eval_k", "eval_n", "pretrained_eval_n"), optional=True)
         if not 0 <= self.sft_target <= 1:
             problems.append(f"sft_target must be in [0, 1] (got {self.sft_target})")
         _problems_to_error("r1", problems)

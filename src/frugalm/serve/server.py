@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Optional, TypeVar, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,6 +37,7 @@ from frugalm.serve.sampling_params import SamplingParams
 from frugalm.serve.sequence import RequestOutput, TokenLogprob
 
 log = logging.getLogger("frugalm.serve")
+RequestT = TypeVar("RequestT", ChatRequest, CompletionRequest)
 
 
 # ---------------------------------------------------------------------------------------- token text
@@ -140,6 +141,19 @@ class OpenAIServer:
         if name != self.model_name:
             raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
+
+    async def parse_request(self, request: Request, model: type[RequestT]) -> RequestT:
+        """The checks every generation endpoint runs, in the order their errors take precedence: API key
+        (401), body size and JSON (413/400), the request schema (400, naming the field), then the model
+        name (404). One method, so /v1/completions and /v1/chat/completions cannot drift apart."""
+        self.check_auth(request)
+        data = await self.read_json(request)
+        try:
+            req = model.model_validate(data)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        self.check_model(req.model)
+        return req
 
     def max_tokens(self, requested: Optional[int], prompt_len: int) -> int:
         room = self.engine.max_model_len - prompt_len
@@ -261,13 +275,7 @@ class OpenAIServer:
 
     # ------------------------------------------------------------------ endpoints
     async def completions(self, request: Request) -> Response:
-        self.check_auth(request)
-        data = await self.read_json(request)
-        try:
-            req = CompletionRequest.model_validate(data)
-        except ValidationError as e:
-            raise validation_error(e) from None
-        self.check_model(req.model)
+        req = await self.parse_request(request, CompletionRequest)
         prompts = [self.encode(p, "prompt") for p in req.prompts()]
         max_tokens = self.max_tokens(req.max_tokens, max(len(p) for p in prompts))
         params = self.sampling(req, max_tokens, req.logprobs)
@@ -300,13 +308,7 @@ class OpenAIServer:
             yield {**head, "choices": [], "usage": self.usage(job)}
 
     async def chat(self, request: Request) -> Response:
-        self.check_auth(request)
-        data = await self.read_json(request)
-        try:
-            req = ChatRequest.model_validate(data)
-        except ValidationError as e:
-            raise validation_error(e) from None
-        self.check_model(req.model)
+        req = await self.parse_request(request, ChatRequest)
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no tokenizer chat template; use /v1/completions with token ids",

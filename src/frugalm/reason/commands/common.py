@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, task: bool = True) -> None:
@@ -59,3 +59,35 @@ def fail(command: str, message: str) -> int:
 
 def progress_flag(args: argparse.Namespace) -> Any:
     return False if getattr(args, "no_progress", False) else None
+
+
+def run_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The stage keywords that `add_run_args`'s flags stand for (resume, overwrite, progress), plus
+    signal handling, which every command-line stage turns on so Ctrl-C leaves a resumable checkpoint."""
+    return {"resume": args.resume, "overwrite": args.overwrite, "progress": progress_flag(args), "handle_signals": True}
+
+
+def run_stage(command: str, args: argparse.Namespace, stage: Callable[[Any, Any], Any], *,
+              needs_task: bool = True) -> tuple[Any, Any, Optional[int]]:
+    """What `sft`, `grpo` and `distill` all do around their stage: resolve the config, load the task,
+    save the resolved config into --out, run ``stage(task, cfg)``, turn a task or value error into
+    ``frugalm COMMAND: error: ...`` with exit status 2, and an interrupted stage (Ctrl-C, SIGTERM; its
+    summary says ``interrupted``) into exit status 130.
+
+    Returns ``(cfg, summary, None)`` when the stage ran to its end, else ``(cfg, summary or None,
+    exit_status)``. Kept in one place so the three commands cannot drift in what they save, which
+    errors they report rather than raise, or how they exit. ``needs_task=False`` skips the task
+    (distillation from traces may have none).
+    """
+    from frugalm.reason.tasks import TaskError
+
+    cfg = load_config(args)
+    try:
+        task = load_task(cfg) if needs_task else None
+        save_config(cfg, args.out)
+        summary = stage(task, cfg)
+    except (TaskError, ValueError) as e:
+        return cfg, None, fail(command, str(e))
+    # sft/distill summarise in a dict, grpo in a dataclass.
+    interrupted = summary.get("interrupted") if isinstance(summary, dict) else summary.interrupted
+    return cfg, summary, (130 if interrupted else None)

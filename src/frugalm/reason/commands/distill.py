@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from frugalm.reason.commands.common import add_config_args, add_run_args, fail, load_config, load_task, progress_flag, save_config
+from frugalm.reason.commands.common import add_config_args, add_run_args, fail, run_flags, run_stage
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -21,21 +21,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from frugalm.reason.stages import distill_stage
-    from frugalm.reason.tasks import TaskError
 
     if not args.teacher and not args.traces:
         return fail("distill", "give --teacher DIR (rejection sampling) or --traces FILE.jsonl")
-    cfg = load_config(args)
-    try:
-        task = load_task(cfg) if (args.task or args.teacher or args.config) else None
-        save_config(cfg, args.out)
-        s = distill_stage(task, cfg, args.out, teacher=args.teacher, student=args.student, traces_path=args.traces,
-                          resume=args.resume, overwrite=args.overwrite, progress=progress_flag(args),
-                          handle_signals=True)
-    except (TaskError, ValueError) as e:
-        return fail("distill", str(e))
-    if s.get("interrupted"):
-        return 130
+    _, s, status = run_stage("distill", args, lambda task, cfg: distill_stage(
+        task, cfg, args.out, teacher=args.teacher, student=args.student, traces_path=args.traces, **run_flags(args)),
+        needs_task=bool(args.task or args.teacher or args.config))
+    if status is not None:
+        return status
     print("traces: " + json.dumps(s["traces"]))
     print(f"student ({s['student_kind']}): {s.get('final_model')}")
     return 0

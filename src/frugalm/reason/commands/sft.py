@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from frugalm.reason.commands.common import add_config_args, add_run_args, fail, load_config, load_task, progress_flag, save_config
+from frugalm.reason.commands.common import add_config_args, add_run_args, run_flags, run_stage
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -15,18 +15,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from frugalm.reason.stages import sft_stage
-    from frugalm.reason.tasks import TaskError
 
-    cfg = load_config(args)
-    try:
-        task = load_task(cfg)
-        save_config(cfg, args.out)
-        s = sft_stage(args.model, task, cfg, args.out, resume=args.resume, overwrite=args.overwrite,
-                      progress=progress_flag(args), handle_signals=True)
-    except (TaskError, ValueError) as e:
-        return fail("sft", str(e))
-    if s.get("interrupted"):
-        return 130
+    cfg, s, status = run_stage("sft", args, lambda task, cfg: sft_stage(
+        args.model, task, cfg, args.out, **run_flags(args)))
+    if status is not None:
+        return status
     print(f"done: {s.get('steps')} steps on {s['examples']} examples ({s['dropped_too_long']} too long, dropped); "
           f"loss {s.get('final_loss')}; val loss (assistant tokens) {s.get('final_val_loss', s.get('val_losses'))}")
     print(f"model: {s.get('final_model')}  (frugalm eval-task --model {s.get('final_model')} --task {cfg.task.name})")
