@@ -11,8 +11,9 @@ from frugalm.reason.tasks import AdditionTask, CountdownTask, JsonlTask, SortTas
 from frugalm.reason.tasks.countdown import evaluate_expression
 
 
-@pytest.mark.parametrize("task", [AdditionTask(), AdditionTask(notation="hinted"), CountdownTask(), SortTask()],
-                         ids=["addition", "addition-hinted", "countdown", "sort"])
+@pytest.mark.parametrize("task", [AdditionTask(), AdditionTask(notation="hinted"), AdditionTask(notation="scratch"),
+                                  CountdownTask(), SortTask()],
+                         ids=["addition", "addition-hinted", "addition-scratch", "countdown", "sort"])
 def test_generators_are_deterministic_disjoint_and_heldout_is_longer(task):
     a = task.examples("train", 200, seed=3)
     assert a == task.examples("train", 200, seed=3)
@@ -195,3 +196,83 @@ def test_hinted_addition_length_diversity_split():
         assert ex.columns["offset"] + length(ex) + 1 <= len(LETTERS)
         assert parse_hinted(ex.answer) == (ex.columns["a"] + ex.columns["b"], ex.columns["offset"])
         assert task.check(ex.answer, ex.row()) and not task.check(ex.answer[2:] or "x", ex.row())
+
+
+def _replay_scratch(trace: str) -> str:
+    """Re-derive every scratch line from the line before it alone (the locality the notation is built on);
+    returns the digits of the last line."""
+    lines = trace.split("|")
+    assert lines[-1] == "" and lines[-2].startswith("0:-;")
+    lines = lines[:-1]
+    for prev, line in zip(lines, lines[1:]):
+        carry, rest = prev.split(":")
+        listed, digits = rest.split(";")
+        pairs = [p for p in listed.split(",") if p] if listed != "-" else []
+        assert all(len(p) == 2 and p.isdigit() for p in pairs)
+        x, y = (int(pairs[0][0]), int(pairs[0][1])) if pairs else (0, 0)
+        assert pairs or carry == "1"  # an empty list only continues to absorb a carry
+        s = x + y + int(carry)
+        listed_next = "".join(p + "," for p in pairs[1:]) or "-"
+        assert line == f"{s // 10}:{listed_next};{s % 10}{digits}"
+    return lines[-1].split(";")[1]
+
+
+def test_scratch_addition_trace_round_trip():
+    from frugalm.reason.tasks.addition import pairs, scratch_steps
+
+    assert pairs(357, 29) == [(7, 9), (5, 2), (3, 0)] and pairs(5, 1234) == [(5, 4), (0, 3), (0, 2), (0, 1)]
+    assert scratch_steps(357, 29) == "0:79,52,30,;|1:52,30,;6|0:30,;86|0:-;386|"
+    assert scratch_steps(999, 1) == "0:91,90,90,;|1:90,90,;0|1:90,;00|1:-;000|0:-;1000|"  # carry-out line
+    assert scratch_steps(0, 0) == "0:00,;|0:-;0|"
+    task = AdditionTask(min_size=1, max_size=5, heldout_size=6, notation="scratch")
+    for split in ("train", "test", "heldout"):
+        for ex in task.examples(split, 100, 2):
+            a, b = ex.columns["a"], ex.columns["b"]
+            assert ex.prompt == f"{a}+{b}=?" and ex.answer == str(a + b)
+            assert ex.reasoning == scratch_steps(a, b)
+            # the first line lists the aligned pairs, each later line follows from the one before, and the
+            # trace ends on the content "0:-" with the answer's digits
+            first = ex.reasoning.split("|")[0]
+            assert first == "0:" + "".join(f"{x}{y}," for x, y in pairs(a, b)) + ";"
+            assert _replay_scratch(ex.reasoning) == ex.answer
+            assert task.check(ex.answer, ex.row())
+    assert load_task(TaskConfig(notation="scratch", min_size=1, max_size=5, heldout_size=6)).notation == "scratch"
+
+
+@pytest.mark.parametrize("answer,ok", [
+    ("386", True), (" 386 ", True), ("0386", True),
+    ("387", False), ("38 6", False), ("683", False),  # units-first digits are not the sum
+    ("0:-;386|", False), ("0:-;386", False), ("386|", False), ("-;386", False), ("1:-;386|", False),
+    ("0:79,52,30,;|1:52,30,;6|0:30,;86|0:-;386|", False), ("", False), (None, False),
+])
+def test_scratch_addition_checker_rejects_malformed(answer, ok):
+    task = AdditionTask(notation="scratch")
+    assert task.check(answer, {"prompt": "357+29=?", "answer": "386", "a": 357, "b": 29}) is ok
+
+
+@pytest.mark.parametrize("max_size,heldout_size", [(5, 6), (6, 7)])
+def test_scratch_trace_fits_the_tiny_context_for_the_heldout_length(tokenizer_dir, max_size, heldout_size):
+    """Held-out is strictly longer than every training problem, and its whole trace (chat prompt included)
+    fits 256 positions, the context of the tiny base model; every scratch symbol is one byte, so a
+    byte-level tokenizer needs at most one token per character of the response."""
+    from frugalm.data.tokenizer import load_tokenizer
+    from frugalm.reason.response_format import DEFAULT_INSTRUCTION, render_response
+    from frugalm.reason.sft_data import tokenize_pair
+
+    task = AdditionTask(min_size=1, max_size=max_size, heldout_size=heldout_size, notation="scratch")
+
+    def length(ex):
+        return max(len(str(ex.columns["a"])), len(str(ex.columns["b"])))
+
+    train, held = task.examples("train", 300, 0), task.examples("heldout", 100, 0)
+    assert {length(e) for e in train} == set(range(1, max_size + 1)) and {length(e) for e in held} == {heldout_size}
+    tok = load_tokenizer(tokenizer_dir)
+    longest = max(len(tokenize_pair(tok, e.prompt, render_response(e.reasoning, e.answer), DEFAULT_INSTRUCTION))
+                  for e in held)
+    assert longest <= 256, longest
+    # the worst case for this length: all nines twice, the longest trace (every column carries, a carry-out line)
+    from frugalm.reason.tasks.addition import scratch_steps
+
+    a = 10 ** heldout_size - 1
+    worst = tokenize_pair(tok, f"{a}+{a}=?", render_response(scratch_steps(a, a), str(2 * a)), DEFAULT_INSTRUCTION)
+    assert longest <= len(worst) <= 256, len(worst)

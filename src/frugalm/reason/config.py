@@ -66,9 +66,10 @@ class TaskConfig:
     max_size: Optional[int] = None
     heldout_size: Optional[int] = None
     max_value: Optional[int] = None
-    # Addition only: "plain" (digits only) or "hinted" (a place-value letter before every digit, the
-    # index-hint format meant for length generalisation); None keeps the task's default ("plain").
-    notation: Optional[Literal["hinted", "plain"]] = None
+    # Addition only: "plain" (digits only), "hinted" (a place-value letter before every digit, the
+    # index-hint format meant for length generalisation) or "scratch" (a units-first list of digit pairs
+    # re-copied minus its head each step); None keeps the task's default ("plain").
+    notation: Optional[Literal["hinted", "plain", "scratch"]] = None
     # JSONL tasks: a file of held-out rows, and a custom checker FILE.py:function.
     heldout_path: Optional[str] = None
     checker: Optional[str] = None

@@ -3,7 +3,7 @@
 Training problems have a longer operand of min_size..max_size digits; held-out problems have
 `heldout_size` digits, more than training ever shows.
 
-Two notations (``notation``):
+Three notations (``notation``):
 
 * ``"plain"`` (default) -- ``357+29=?``, reasoning ``7+9=16, 5+2+1=8, 3+0=3``, answer ``386``. A small model
   learns it within the training lengths but scores 0% one digit longer (BENCHMARKS.md).
@@ -22,6 +22,22 @@ Two notations (``notation``):
 
 Digits and letters are single tokens in frugalm's tokenizer (and no spaces are used, which would merge
 with letters), so each hinted step is ten tokens.
+
+* ``"scratch"`` -- the prompt is plain (``357+29=?``); the reasoning is a scratchpad of lines, each
+  ``<carry>:<remaining digit pairs>;<sum digits so far>|``. The first line lists the two operands' digits
+  as aligned pairs, units first, the shorter operand padded with 0 (``0:79,52,30,;|``). Each next line
+  adds the FIRST remaining pair and the carry, writes the new carry, re-copies the remaining pairs minus
+  the first, and prepends the new digit to the digits so far: ``1:52,30,;6|0:30,;86|``. An empty list is
+  written ``-``; a carry left over gives one more line (``1:-;000|0:-;1000|``), and the loop ends on the
+  line ``0:-;<sum>|``, whose digits the answer copies: ``386``. Whole trace for 357+29:
+  ``0:79,52,30,;|1:52,30,;6|0:30,;86|0:-;386|``. Every step reads only the line before it (its first
+  pair, its carry, a copy of the rest), and the stop is the content ``0:-``, not a count. Every symbol
+  is one token; an n-digit problem's trace is (n+1)(2n+4)+O(n) tokens (quadratic), at most 125 at n = 6.
+  Measured (BENCHMARKS.md): after 1,000 SFT steps on 1-5 digits the tiny model solves 71.5% of unseen
+  1-5-digit problems and 0% of 6-digit ones (pass@8 0%). The loop itself is nearly exact in range, but the
+  first line (the aligned pairs, fetched from the prompt by position) has exactly 5 pairs for 198 of 200
+  6-digit problems, and with the right 6-pair line forced in, the loop fails too (0/200): copying a list
+  longer than any trained line is not content-based either. So it is not the default.
 """
 
 from __future__ import annotations
@@ -35,7 +51,7 @@ from frugalm.reason.tasks.base import Example, GeneratedTask, TaskError
 _INT = re.compile(r"[+]?\d+")
 _HINTED = re.compile(r"(?:[a-z]\d)+")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-NOTATIONS = ("hinted", "plain")
+NOTATIONS = ("hinted", "plain", "scratch")
 
 
 def column_steps(a: int, b: int) -> str:
@@ -74,6 +90,31 @@ def hinted_steps(a: int, b: int, offset: int) -> str:
     return "".join(steps)
 
 
+def pairs(a: int, b: int) -> list[tuple[int, int]]:
+    """The operands' digits aligned as (digit of a, digit of b), units first, the shorter padded with 0."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    n = max(len(da), len(db))
+    return [(int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0) for i in range(n)]
+
+
+def scratch_line(carry: int, remaining: list[tuple[int, int]], digits: str) -> str:
+    """One scratchpad line: ``<carry>:<pairs, or - when none>;<sum digits so far>|``."""
+    listed = "".join(f"{x}{y}," for x, y in remaining) or "-"
+    return f"{carry}:{listed};{digits}|"
+
+
+def scratch_steps(a: int, b: int) -> str:
+    """The "scratch" trace: consume the first remaining pair per line until ``0:-;<sum>|``."""
+    remaining, carry, digits = pairs(a, b), 0, ""
+    lines = [scratch_line(carry, remaining, digits)]
+    while remaining or carry:
+        x, y = remaining[0] if remaining else (0, 0)
+        s = x + y + carry
+        remaining, carry, digits = remaining[1:], s // 10, str(s % 10) + digits
+        lines.append(scratch_line(carry, remaining, digits))
+    return "".join(lines)
+
+
 def parse_hinted(text: str) -> Optional[tuple[int, int]]:
     """``"e3d8c6"`` -> (386, offset of the units letter); None unless the letters count down by one."""
     if not _HINTED.fullmatch(text):
@@ -104,9 +145,9 @@ class AdditionTask(GeneratedTask):
         b = number(rng.randint(1, size))
         if rng.random() < 0.5:
             a, b = b, a
-        if self.notation == "plain":
-            return Example(prompt=f"{a}+{b}=?", answer=str(a + b), columns={"a": a, "b": b},
-                           reasoning=column_steps(a, b))
+        if self.notation in ("plain", "scratch"):
+            steps = column_steps(a, b) if self.notation == "plain" else scratch_steps(a, b)
+            return Example(prompt=f"{a}+{b}=?", answer=str(a + b), columns={"a": a, "b": b}, reasoning=steps)
         # room for every digit of the sum (size + 1 places)
         offset = rng.randint(0, len(LETTERS) - (size + 1))
         return Example(prompt=f"{hinted(a, offset)}+{hinted(b, offset, upper=True)}=?",
