@@ -1077,6 +1077,14 @@ def train(
         return trainer.fit(handle_signals=handle_signals)
     finally:
         if trainer.mesh is not None:
+            import gc
+
             from frugalm.parallel.mesh import shutdown_distributed
 
             shutdown_distributed()
+            # The model, mesh and pipeline still hold process-group objects; free them now, while the
+            # interpreter is whole, rather than at interpreter exit. A rank aborted once in CI with
+            # "terminate called without an active exception" (a thread destroyed unjoined); gloo threads
+            # torn down during interpreter finalization are the suspected, unconfirmed cause.
+            del trainer
+            gc.collect()
