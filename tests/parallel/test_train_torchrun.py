@@ -237,14 +237,22 @@ def test_pp2_times_dp2_or_ep2_on_four_processes_matches_single_process(setup, ax
     _check_against_reference(root, out, [1, 2])
 
 
+def _single_batch8(root: Path, config: Path) -> Path:
+    """The single-process reference on batches of 8 (DualPipe(V) needs >= 4 micro-batches), run once."""
+    ref = root / "single-b8"
+    if not ref.exists():
+        proc = _single("--config", str(config), "--out", str(ref), "--set", "train.batch_size=8",
+                       "--set", "train.max_steps=2", "--set", "train.checkpoint_every=2")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return ref
+
+
 def test_pp2_ep2_dualpipev_with_overlapped_forward_backward_matches_single_process(setup):
     """DualPipeV with `pipeline.overlap`: each F&B slot's forward and backward run at once on two threads,
     each with expert-parallel all-to-alls (forward over the ep group, backward over its twin group).
     Losses and gradient norms equal a single process on the same 8-sequence batches."""
     root, config, _ = setup
-    ref = root / "single-b8"
-    proc = _single("--config", str(config), "--out", str(ref), "--set", "train.batch_size=8", "--set", "train.max_steps=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = _single_batch8(root, config)
     out = root / "pp2ep2-dualpipev-overlap"
     proc = _torchrun(4, "--config", str(config), "--out", str(out), "--set", "parallel.pp=2", "--set", "parallel.ep=2",
                      "--set", "pipeline.schedule=dualpipev", "--set", "pipeline.micro_batches=4",
@@ -351,11 +359,7 @@ def test_pp2_times_dp2_fsdp_dualpipe_matches_single_process(setup, schedule):
     """DualPipe (mirrored stage copies exchange gathered gradients before the reduce-scatter) and DualPipeV
     need >= 4 micro-batches: 4 sequences per rank against a single process on batches of 8."""
     root, config, _ = setup
-    ref = root / "single-b8"
-    if not ref.exists():
-        proc = _single("--config", str(config), "--out", str(ref), "--set", "train.batch_size=8",
-                       "--set", "train.max_steps=2", "--set", "train.checkpoint_every=2")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = _single_batch8(root, config)
     out = root / f"pp2dp2-fsdp-{schedule}"
     proc = _fsdp_pp2dp2("--config", str(config), "--out", str(out), "--set", f"pipeline.schedule={schedule}",
                         "--set", "pipeline.micro_batches=4", "--set", "train.batch_size=4", "--set", "train.max_steps=2",

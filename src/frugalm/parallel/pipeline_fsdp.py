@@ -106,8 +106,9 @@ def shard_pipeline_stages(model: nn.Module, mine: Mapping[int, nn.Module], mesh:
     held = {id(p) for stage in mine.values() for p in stage.parameters()}
     experts = expert_parameters(model)
     held_experts = [p for p in experts if id(p) in held]
-    broadcast_from_first([p for stage in mine.values() for p in _unique(stage.parameters()) if p not in experts],
-                         mesh.group("dp_ep"))
+    # stages of one rank can share parameters (DualPipeV: the first and last stage both embed tokens)
+    broadcast_from_first([p for p in _unique(p for stage in mine.values() for p in stage.parameters())
+                          if p not in experts], mesh.group("dp_ep"))
     broadcast_from_first(held_experts, mesh.group("dp"))
     blocks = [b for b in expert_parallel_modules(model).values()
               if any(id(p) in held for p in b.parameters())]

@@ -348,7 +348,8 @@ class PipelineReplicas:
                 for dtype in sorted(by_dtype):
                     items = by_dtype[dtype]
                     if self.pp_rank == src:
-                        flat = torch.cat([local[k].detach().reshape(-1) for k, _ in items])
+                        # on the comm device: NCCL cannot send the CPU copies callers pass in
+                        flat = torch.cat([local[k].detach().reshape(-1) for k, _ in items]).to(self.device)
                         dist.send(flat.contiguous(), group=self.group, group_dst=0)
                         continue
                     n = sum(math.prod(shape) for _, shape in items)
@@ -359,7 +360,7 @@ class PipelineReplicas:
                         if k in out:
                             raise ValueError(f"pipeline gather: {k!r} came from two ranks")
                         size = math.prod(shape)
-                        out[k] = flat[start:start + size].view(shape).cpu().clone()
+                        out[k] = flat[start:start + size].view(shape).to("cpu", copy=True)
                         start += size
         except RuntimeError as e:
             raise collective_error("pipeline state gather", self.group, e) from e
