@@ -125,8 +125,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], section: str = "", *, ignore: tuple[str, ...] = ()) -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys are an error naming them and the section."""
+def from_dict(cls: type[T], data: Mapping[str, Any], section: str = "", *, ignore: tuple[str, ...] = (),
+              base: Any = None) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys are an error naming them and the section.
+
+    Keys not in ``data`` come from ``base`` (an instance of ``cls``) if given, else from the class
+    defaults. A nested table starts from the field's own default instance, so a partial table overrides
+    only what it names (``[distill.sft] max_steps`` keeps the distillation SFT's learning rate, not
+    `SFTConfig`'s class default).
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(k for k in data if k not in fields and k not in ignore)
@@ -135,22 +142,18 @@ def from_dict(cls: type[T], data: Mapping[str, Any], section: str = "", *, ignor
         raise ConfigError(
             f"{prefix}unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}"
         )
-    kwargs = {}
+    kwargs = {name: getattr(base, name) for name in fields} if base is not None else {}
     for name, value in data.items():
         if name in ignore:
             continue
         where = f"{section}.{name}" if section else name
-        default = _nested_default(fields[name])
-        if default is not None and isinstance(value, Mapping):
-            # a partial table overrides the field's own default (e.g. [distill.sft] keeps the distillation
-            # learning rate when it sets only max_steps), not a freshly constructed class default
-            kwargs[name] = _update(default, value, where)
+        nested = None
+        if isinstance(value, Mapping):
+            nested = kwargs.get(name) if base is not None else _default_instance(fields[name])
+        if dataclasses.is_dataclass(nested) and not isinstance(nested, type):
+            kwargs[name] = from_dict(type(nested), value, where, base=nested)
         else:
             kwargs[name] = _coerce(value, hints[name], where)
-    return _construct(cls, kwargs, section)
-
-
-def _construct(cls: type[T], kwargs: dict[str, Any], section: str) -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -159,29 +162,11 @@ def _construct(cls: type[T], kwargs: dict[str, Any], section: str) -> T:
         raise ConfigError(f"[{section}] {e}" if section else str(e)) from None
 
 
-def _nested_default(f: dataclasses.Field) -> Any:
-    """The default instance of a dataclass-valued field built by ``default_factory``, else None."""
+def _default_instance(f: dataclasses.Field) -> Any:
+    """What a field defaults to when its default is built by ``default_factory`` (None otherwise)."""
     if f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
         return None
-    value = f.default_factory()  # type: ignore[misc]
-    return value if dataclasses.is_dataclass(value) and not isinstance(value, type) else None
-
-
-def _update(obj: Any, data: Mapping[str, Any], section: str) -> Any:
-    """``obj`` (a dataclass instance) with the keys of ``data`` replaced, checked like `from_dict`."""
-    cls = type(obj)
-    hints = typing.get_type_hints(cls)
-    kwargs = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(k for k in data if k not in kwargs)
-    if unknown:
-        raise ConfigError(f"[{section}] unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(kwargs))}")
-    for name, value in data.items():
-        where = f"{section}.{name}"
-        if isinstance(value, Mapping) and dataclasses.is_dataclass(kwargs[name]):
-            kwargs[name] = _update(kwargs[name], value, where)
-        else:
-            kwargs[name] = _coerce(value, hints[name], where)
-    return _construct(cls, kwargs, section)
+    return f.default_factory()  # type: ignore[misc]
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -399,13 +399,14 @@ class GRPOTrainer:
                 batch_size=B, total_tokens=total_tokens, max_completion_length=cfg.max_completion_length)
             loss.backward()
             with torch.no_grad():
+                # masked sums by multiplication: boolean indexing would wait on the device to size its result
                 m = mask.bool()
                 sums["loss"] += loss.detach().float()
-                sums["entropy"] += entropy[m].sum()
-                sums["low"] += stats.low_clipped[m].sum()
-                sums["high"] += stats.high_clipped[m].sum()
+                sums["entropy"] += torch.where(m, entropy, 0).sum()
+                sums["low"] += (stats.low_clipped & m).sum()
+                sums["high"] += (stats.high_clipped & m).sum()
                 if kl is not None:
-                    sums["kl"] += kl[m].sum()
+                    sums["kl"] += torch.where(m, kl, 0).sum()
                 sums["tokens"] += m.sum()
             del logits, logp, entropy, loss
         sums = {k: float(v) for k, v in sums.items()}
