@@ -40,8 +40,11 @@ def test_lean_decode_step_matches_the_general_path(dtype, batch):
     runner.lean_decode = False
     general = runner.prepare(items)
     assert not general.lean
+    before = runner.cache.clone()
     h_general = runner.forward(general)
     cache_general = runner.cache.clone()
+    runner.cache.copy_(before)  # the lean step must write its own latents (and read only those)
+    assert not torch.equal(runner.cache, cache_general)
     runner.lean_decode = True
     h_lean = runner.forward(lean)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
