@@ -222,6 +222,50 @@ def test_compile_custom_op_matches_the_eager_grouped_gemm():
     torch.library.opcheck(grouped_linear_op, (x, w, offs))
 
 
+def test_compiled_model_matches_eager_under_aot_eager():
+    """CI's compile check (the inductor one below is opt-in): `compile_model` with torch's ``aot_eager``
+    backend -- dynamo + AOTAutograd, no code generation, a few seconds -- must capture the whole model
+    (``fullgraph``: no graph breaks), route the experts through ``frugalm::grouped_linear`` in the forward
+    graph and its backward op in the backward graph, and give the eager loss and gradients."""
+    import functools
+
+    from frugalm.model.compile import compile_model
+
+    graphs: list[set[str]] = []
+
+    def recording(gm, example_inputs):  # aot_eager's own no-op compiler, after noting the graph's ops
+        from torch._dynamo.backends.debugging import boxed_nop
+
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return boxed_nop(gm, example_inputs)
+
+    backend = functools.partial(torch._dynamo.lookup_backend("aot_eager"), fw_compiler=recording,
+                                bw_compiler=recording)
+    cfg = tiny_config()
+    model = DeepSeekV3(cfg).init_weights(0).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = model(ids)
+    ref_loss = ref.logsumexp(-1).mean()
+    ref_loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    try:
+        out = compile_model(model, backend=backend, fullgraph=True)(ids)
+        loss = out.logsumexp(-1).mean()
+        loss.backward()
+    finally:
+        torch._dynamo.reset()  # drop the compiled code and guards: nothing carries over to other tests
+    assert len(graphs) == 2, graphs  # one forward graph, one backward graph
+    assert "frugalm.grouped_linear.default" in graphs[0]
+    assert "frugalm.grouped_linear_backward.default" in graphs[1]
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not __import__("os").environ.get("FRUGALM_TEST_COMPILE"),
                     reason="inductor compiles the whole model for minutes on a 2-core CPU; set FRUGALM_TEST_COMPILE=1")

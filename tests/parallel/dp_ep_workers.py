@@ -293,3 +293,25 @@ def failure_worker(rank: int, world: int, store: str, out_dir: str, mode: str, l
     Path(out_dir, "rank0.txt").write_text(f"{time.perf_counter() - t0:.3f}\n{outcome}")
     if outcome != "no error":
         raise SystemExit(1)
+
+
+# ---------------------------------------------------------------------------------------- mesh groups
+def ep_backward_group_worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    """Build a pp2·ep2 mesh without, then with, ``pipeline_overlap``; record the twin EP group each time."""
+    import json
+
+    _child_setup()
+
+    def body():
+        cfg = ParallelConfig(pp=2, ep=2)
+        found = {}
+        for overlap in (False, True):
+            mesh = init_distributed(cfg, "cpu", init_method=f"file://{store}", rank=rank, world_size=world,
+                                    pipeline_overlap=overlap)
+            twin = mesh.ep_backward_group
+            found[str(overlap)] = None if twin is None else {
+                "ranks": torch.distributed.get_process_group_ranks(twin), "ep_ranks": mesh.ranks("ep"),
+                "same_as_ep": twin is mesh.group("ep")}
+        Path(out_dir, f"groups-rank{rank}.json").write_text(json.dumps(found))
+
+    _report_errors(out_dir, rank, body)

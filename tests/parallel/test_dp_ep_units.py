@@ -1,6 +1,10 @@
-"""Single-process checks of the data/expert-parallel plumbing: config, mesh layout, expert placement."""
+"""Checks of the data/expert-parallel plumbing: config, mesh layout, expert placement (single process,
+except the 4-rank gloo check of which groups a pp·ep mesh builds)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from frugalm.parallel.expert_placement import ep_rank_loads, nodes_per_token, pl
 from frugalm.parallel.mesh import ParallelMesh, axis_ranks, init_distributed, local_device, select_backend
 from frugalm.parallel.parallelize import parallelize
 
+import dp_ep_workers as workers
 from frugalm_testing import tiny_config
 
 
@@ -60,6 +65,21 @@ def test_axis_groups_follow_row_major_pp_dp_ep() -> None:
     assert mesh.ranks("dp") == [4, 6] and mesh.ranks("ep") == [6, 7] and mesh.ranks("pp") == [2, 6]
     assert mesh.data_parallel_size == 4
 
+
+
+@pytest.mark.multiproc
+def test_twin_ep_backward_group_exists_only_with_pipeline_overlap(tmp_path: Path) -> None:
+    """pp2·ep2 on 4 gloo ranks: the second EP group (overlapped F&B backward) costs a communicator, so
+    `init_distributed` builds it only when asked (``[pipeline] overlap``), over the rank's own ep ranks."""
+    codes = workers.launch(workers.ep_backward_group_worker, 4, (), tmp_path, deadline_s=120)
+    errors = "\n".join(p.read_text() for p in tmp_path.glob("error-rank*.txt"))
+    assert codes == [0] * 4, f"exit codes {codes}\n{errors}"
+    for rank in range(4):
+        found = json.loads((tmp_path / f"groups-rank{rank}.json").read_text())
+        assert found["False"] is None, (rank, found)
+        twin = found["True"]
+        assert twin is not None and not twin["same_as_ep"], (rank, found)
+        assert twin["ranks"] == twin["ep_ranks"] == [rank // 2 * 2, rank // 2 * 2 + 1], (rank, found)
 
 def test_backend_and_device_come_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     assert select_backend("auto", torch.device("cpu")) == "gloo"

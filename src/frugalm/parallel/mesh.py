@@ -84,8 +84,9 @@ class ParallelMesh:
     backend: str = "gloo"
     timeout_s: float = 300.0
     groups: dict[str, Optional[dist.ProcessGroup]] = field(default_factory=dict)
-    # A second group over this rank's ep ranks (pp > 1 only): expert-parallel backward all-to-alls, so
-    # a pipeline's overlapped forward and backward chunks never share a group (`PipelineConfig.overlap`).
+    # A second group over this rank's ep ranks (pp > 1 with `PipelineConfig.overlap` only, else None):
+    # expert-parallel backward all-to-alls, so a pipeline's overlapped forward and backward chunks never
+    # share a group.
     ep_backward_group: Optional[dist.ProcessGroup] = None
     _device_meshes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -193,12 +194,15 @@ def init_distributed(
     init_method: Optional[str] = None,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
+    pipeline_overlap: bool = False,
 ) -> ParallelMesh:
     """Join (or reuse) the default process group and build every axis group with ``cfg.timeout_s``.
 
     Under torchrun, RANK/WORLD_SIZE/MASTER_ADDR come from the environment (``env://``); tests pass a
     ``file://`` ``init_method`` with explicit ``rank``/``world_size``. A single process with nothing to
     join gets `ParallelMesh.single`. Must be called by every rank (group creation is collective).
+    ``pipeline_overlap`` (``[pipeline] overlap``): also build `ParallelMesh.ep_backward_group` when
+    pp > 1 and ep > 1; without it that twin EP group (an extra communicator) is not created.
     """
     device = local_device(torch.device(device))
     backend = select_backend(cfg.backend, device)
@@ -232,7 +236,7 @@ def init_distributed(
             if rank in ranks:
                 groups[axis] = g
     ep_backward = None
-    if pp > 1 and ep > 1:
+    if pipeline_overlap and pp > 1 and ep > 1:
         for ranks in axis_ranks(pp, dp, ep, "ep"):
             g = dist.new_group(ranks, timeout=timeout, backend=backend, group_desc="frugalm_ep_backward")
             if rank in ranks:

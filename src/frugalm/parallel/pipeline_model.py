@@ -39,7 +39,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from frugalm.config import ConfigError
@@ -47,7 +46,7 @@ from frugalm.model.moe import MoE
 from frugalm.parallel.mesh import collective_error
 from frugalm.parallel.schedules import PipelineSchedule
 from frugalm.train.balance import ExpertLoadTracker
-from frugalm.train.losses import next_token_losses
+from frugalm.train.losses import eval_cross_entropy_sum, next_token_losses
 
 
 def _balanced(n: int, parts: int) -> list[int]:
@@ -165,7 +164,7 @@ class DecoderStage(nn.Module):
         what `Trainer.evaluate` adds up for one batch."""
         with self._autocast():
             logits = self.lm_head(h)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum").double()
+        return eval_cross_entropy_sum(logits, labels)
 
     def loss(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The micro-batch loss of `Trainer.compute_loss`, from the final hidden state (last stage only)."""

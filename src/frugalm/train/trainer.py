@@ -33,7 +33,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import frugalm
@@ -41,7 +40,7 @@ from frugalm.config import ConfigError
 from frugalm.train import checkpoint as ckpt
 from frugalm.train.balance import ExpertLoadTracker, load_imbalance, moe_modules, update_expert_bias
 from frugalm.train.config import RunConfig, run_config_from_dict
-from frugalm.train.losses import cross_entropy, next_token_losses
+from frugalm.train.losses import cross_entropy, eval_cross_entropy_sum, next_token_losses
 from frugalm.train.metrics import MetricsLogger, plot_run
 from frugalm.train.optim import AdamW, clip_gradients_
 from frugalm.train.schedule import lr_at
@@ -242,7 +241,8 @@ class Trainer:
                 or cfg.parallel.pp > 1:
             from frugalm.parallel.mesh import init_distributed
 
-            self.mesh = init_distributed(cfg.parallel, resolve_device(tc.device))
+            self.mesh = init_distributed(cfg.parallel, resolve_device(tc.device),
+                                         pipeline_overlap=cfg.pipeline.overlap)
             self.rank, self.world_size = self.mesh.dp_ep_rank, self.mesh.data_parallel_size
         self._check_out_dir(resume, overwrite)
         self._barrier()  # rank 0 has cleared an --overwrite run before anyone goes on
@@ -648,7 +648,7 @@ class Trainer:
                     continue
                 with self.autocast():
                     logits = self.model(batch[:, :-1])
-                total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").double()
+                total += eval_cross_entropy_sum(logits, batch[:, 1:])
                 count += batch[:, 1:].numel()
         finally:
             self.model.train(was_training)
