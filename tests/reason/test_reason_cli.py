@@ -11,14 +11,14 @@ SMALL_TASK = ["--set", "task.max_size=2", "--set", "task.heldout_size=3"]
 SFT = ["--set", "sft.max_steps=2", "--set", "sft.batch_size=4", "--set", "sft.seq_len=96", "--set", "sft.device='cpu'",
        "--set", "sft.num_examples=16", "--set", "sft.val_examples=4", "--set", "sft.eval_every=1"]
 GRPO = ["--set", "grpo.max_steps=2", "--set", "grpo.group_size=4", "--set", "grpo.batch_size=8",
-        "--set", "grpo.max_completion_length=8", "--set", "grpo.eval_size=4", "--set", "grpo.eval_every=1",
+        "--set", "grpo.max_completion_length=40", "--set", "grpo.eval_size=4", "--set", "grpo.eval_every=1",
         "--set", "grpo.train_size=16", "--set", "grpo.device='cpu'"]
-EVAL = ["--set", "eval.n=4", "--set", "eval.k=2", "--set", "eval.max_completion_length=8", "--set", "eval.device='cpu'"]
+EVAL = ["--set", "eval.n=4", "--set", "eval.k=2", "--set", "eval.max_completion_length=40", "--set", "eval.device='cpu'"]
 
 
 def test_eval_task_json(tiny_model_dir, capsys):
     rc = main(["eval-task", "--model", str(tiny_model_dir), "--task", "sort", "--n", "3", "--k", "2", "--json",
-               "--set", "eval.max_completion_length=6", "--set", "eval.device='cpu'"])
+               "--set", "eval.max_completion_length=32", "--set", "eval.device='cpu'"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("pass_at_1", "pass_at_k", "maj_at_k", "format_rate", "n", "pass_at_1_sampled", "mean_length"):
@@ -33,6 +33,28 @@ def test_grpo_rejects_a_batch_that_does_not_divide_into_groups(tiny_model_dir, t
     err = capsys.readouterr().err
     assert "batch_size (30) must be a multiple of group_size (8)" in err
     assert not (tmp_path / "g").exists()  # rejected before anything was loaded or written
+
+
+def test_a_budget_shorter_than_the_reference_completions_is_refused(tiny_model_dir, tmp_path, capsys):
+    """A perfect answer cut off before </answer> scores 0: each command refuses such a budget up front, and
+    r1 does so before its first stage, not after SFT."""
+    assert main(["eval-task", "--model", str(tiny_model_dir), "--task", "sort", "--n", "3", "--k", "1",
+                 "--set", "eval.max_completion_length=30", "--set", "eval.device='cpu'"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.max_completion_length = 30 is shorter than the task's reference completions on the heldout split" in err
+    assert "set eval.max_completion_length >= 31" in err  # 7 numbers, tags and EOS
+    assert main(["grpo", "--model", str(tiny_model_dir), "--task", "addition", "--out", str(tmp_path / "g"),
+                 *SMALL_TASK, *GRPO, "--set", "grpo.max_completion_length=12"]) == 2
+    assert "grpo.max_completion_length = 12 is shorter" in capsys.readouterr().err
+    out = tmp_path / "r1"
+    assert main(["r1", "--out", str(out), "--base-model", str(tiny_model_dir), "--no-progress", "--task", "addition",
+                 *SMALL_TASK, "--set", "distill.max_completion_length=12"]) == 2
+    assert "distill.max_completion_length = 12 is shorter" in capsys.readouterr().err
+    assert not (out / "sft").exists() and not (out / "runs").exists()
+    # the recipe's GRPO lists (6-7) must stay shorter than the held-out ones
+    assert main(["r1", "--out", str(out), "--base-model", str(tiny_model_dir), "--set", "task.heldout_size=7"]) == 2
+    assert ("GRPO's problems (r1.grpo_min_size = 6, r1.grpo_max_size = 7): sort: heldout_size (7) must exceed "
+            "max_size (7)") in capsys.readouterr().err
 
 
 def test_unknown_task_and_bad_keys_are_errors(tiny_model_dir, tmp_path, capsys):
@@ -66,10 +88,13 @@ def test_sft_grpo_distill_commands(tiny_model_dir, tmp_path, capsys):
 
 def test_r1_pipeline_end_to_end(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "r1"
-    args = ["r1", "--out", str(out), "--base-model", str(tiny_model_dir), "--no-progress", *SMALL_TASK, *SFT, *GRPO,
+    # the embedded recipe's task (sort, marks notation), smaller; GRPO on longer lists than SFT, held-out longer still
+    small = ["--set", "task.max_size=3", "--set", "task.heldout_size=5", "--set", "r1.grpo_min_size=3",
+             "--set", "r1.grpo_max_size=4", "--set", "grpo.dynamic_sampling=false"]
+    args = ["r1", "--out", str(out), "--base-model", str(tiny_model_dir), "--no-progress", *small, *SFT, *GRPO,
             *EVAL, "--set", "r1.sft_check_every=1", "--set", "r1.sft_check_size=4", "--set", "r1.sft_target=1.0",
             "--set", "distill.num_prompts=8", "--set", "distill.samples_per_prompt=2",
-            "--set", "distill.max_completion_length=8", "--set", "distill.device='cpu'",
+            "--set", "distill.max_completion_length=40", "--set", "distill.device='cpu'",
             "--set", "distill.sft.max_steps=2", "--set", "distill.sft.batch_size=2", "--set", "distill.sft.seq_len=96",
             "--set", "distill.sft.device='cpu'", "--set", "distill.sft.eval_every=0",
             "--set", "distill.student_overrides={num_hidden_layers = 2, num_nextn_predict_layers = 0}"]
@@ -88,6 +113,11 @@ def test_r1_pipeline_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert report["stages_test"]["grpo"]["pass_at_k"] is None and report["stages_test"]["grpo"]["n"] == 4
     assert "pass@k is not measured" in report["verdict"]["test"]["summary"]
     assert report["seconds"]["grpo"] > 0
+    assert report["task"] == {"name": "sort", "min_size": 2, "max_size": 3, "heldout_size": 5, "max_value": 9,
+                              "notation": "marks"}
+    assert report["grpo_task"] == {**report["task"], "min_size": 3, "max_size": 4}
+    grpo_config = (out / "runs" / "grpo" / "reason_config.toml")
+    assert not grpo_config.exists() or "max_size = 4" in grpo_config.read_text()
 
 
 def test_training_commands_share_one_stage_runner(tmp_path, capsys):
@@ -118,3 +148,26 @@ def test_training_commands_share_one_stage_runner(tmp_path, capsys):
     assert run_stage("grpo", args(tmp_path / "i2"), lambda task, cfg: Summary(False))[2] is None
     assert run_stage("distill", args(tmp_path / "i3"), lambda task, cfg: {"interrupted": True})[2] == 130
     assert run_stage("distill", args(tmp_path / "i4"), lambda task, cfg: {"task": task}, needs_task=False)[1] == {"task": None}
+
+
+def test_r1_starts_from_its_embedded_recipe(tmp_path):
+    """`frugalm r1` layers: dataclass defaults < recipe < --config file < --set; --task naming another
+    task drops the recipe's task table (its sizes and notation belong to the recipe's task)."""
+    import argparse
+
+    from frugalm.reason.commands.common import load_config
+
+    def cfg(*argv, config=None, task=None):
+        return load_config(argparse.Namespace(overrides=list(argv), config=config, task=task), recipe="r1")
+
+    c = cfg()
+    assert (c.task.name, c.task.notation, c.task.max_size, c.task.heldout_size) == ("sort", "marks", 6, 8)
+    assert (c.r1.grpo_min_size, c.r1.grpo_max_size, c.grpo.dynamic_sampling) == (6, 7, True)
+    assert c.grpo.group_size == 8  # not in the recipe: the dataclass default
+    f = tmp_path / "mine.toml"
+    f.write_text("[task]\nheldout_size = 9\n[grpo]\nlr = 5e-4\n")
+    c = cfg("grpo.max_steps=5", config=f)
+    assert (c.task.name, c.task.heldout_size, c.grpo.lr, c.grpo.min_lr, c.grpo.max_steps) == ("sort", 9, 5e-4, 3e-4, 5)
+    c = cfg(task="addition")
+    assert (c.task.name, c.task.notation, c.task.max_size, c.r1.grpo_max_size) == ("addition", None, None, None)
+    assert c.sft.max_steps == 500  # the rest of the recipe still applies

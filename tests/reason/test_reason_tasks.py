@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -12,8 +13,10 @@ from frugalm.reason.tasks.countdown import evaluate_expression
 
 
 @pytest.mark.parametrize("task", [AdditionTask(), AdditionTask(notation="hinted"), AdditionTask(notation="scratch"),
-                                  CountdownTask(), SortTask()],
-                         ids=["addition", "addition-hinted", "addition-scratch", "countdown", "sort"])
+                                  AdditionTask(notation="padded"), CountdownTask(), SortTask(),
+                                  SortTask(notation="marks")],
+                         ids=["addition", "addition-hinted", "addition-scratch", "addition-padded", "countdown",
+                              "sort", "sort-marks"])
 def test_generators_are_deterministic_disjoint_and_heldout_is_longer(task):
     a = task.examples("train", 200, seed=3)
     assert a == task.examples("train", 200, seed=3)
@@ -83,8 +86,8 @@ def test_hinted_addition_prompt_reasoning_and_answer():
     assert not train_sums & {(e.columns["a"], e.columns["b"]) for e in task.examples("test", 100, 0)}
     with pytest.raises(TaskError, match="unknown notation"):
         AdditionTask(notation="roman")
-    with pytest.raises(TaskError, match="notation applies to addition only"):
-        load_task(TaskConfig(name="sort", notation="plain"))
+    with pytest.raises(TaskError, match="notation applies to addition and sort only"):
+        load_task(TaskConfig(name="countdown", notation="plain"))
     assert load_task(TaskConfig(notation="hinted")).notation == "hinted" and load_task(TaskConfig()).notation == "plain"
     # a row with the reference answer only (a JSONL of traces) still fixes the hints
     assert task.check("e3d8c6", {"answer": "e3d8c6"}) and not task.check("d3c8b6", {"answer": "e3d8c6"})
@@ -237,6 +240,49 @@ def test_scratch_addition_trace_round_trip():
             assert _replay_scratch(ex.reasoning) == ex.answer
             assert task.check(ex.answer, ex.row())
     assert load_task(TaskConfig(notation="scratch", min_size=1, max_size=5, heldout_size=6)).notation == "scratch"
+
+
+def test_sort_marks_is_a_counting_sort_of_fixed_length():
+    from frugalm.reason.tasks.sorting import marks
+
+    assert marks([7, 1, 3], 9) == "0-1+2-3+4-5-6-7+8-9-"
+    assert marks([2, 0, 2], 3) == "0+1-2+2+3-"  # a duplicate is marked once per occurrence
+    task = SortTask(min_size=2, max_size=6, heldout_size=7, notation="marks")
+    for split in ("train", "heldout"):
+        for ex in task.examples(split, 50, 0):
+            xs = ex.columns["numbers"]
+            assert ex.reasoning == marks(xs, 9) and len(ex.reasoning) == 20  # the same for every length
+            marked = [int(step[0]) for step in re.findall(r"\d\+", ex.reasoning)]
+            assert marked == sorted(xs) and ex.answer == " ".join(map(str, marked))
+    assert load_task(TaskConfig(name="sort", notation="marks")).notation == "marks"
+    with pytest.raises(TaskError, match="unknown notation 'padded'"):
+        load_task(TaskConfig(name="sort", notation="padded"))
+    with pytest.raises(TaskError, match="notation applies to addition and sort only"):
+        load_task(TaskConfig(name="countdown", notation="marks"))
+
+
+def test_padded_addition_has_one_width_and_fixed_length_steps():
+    """Both splits share the prompt width (held-out digits + 1), so held-out operands have more significant
+    digits than any training operand but the same token layout; every column is one 9-symbol step."""
+    from frugalm.reason.tasks.addition import padded_steps
+
+    assert padded_steps(357, 29, 4) == "7+9+0=16,5+2+1=08,3+0+0=03,0+0+0=00,"
+    assert padded_steps(999, 1, 4) == "9+1+0=10,9+0+1=10,9+0+1=10,0+0+1=01,"  # carry into the top column
+    task = AdditionTask(min_size=1, max_size=5, heldout_size=6, notation="padded")
+    longest = {"train": 0, "heldout": 0}
+    for split in ("train", "test", "heldout"):
+        for ex in task.examples(split, 200, 1):
+            a, b = ex.columns["a"], ex.columns["b"]
+            assert ex.prompt == f"{a:07d}+{b:07d}=?" and ex.answer == f"{a + b:07d}"
+            assert ex.reasoning == padded_steps(a, b, 7) and len(ex.reasoning) == 7 * 9
+            # the last digit of each step, most significant first, is the answer
+            assert "".join(step[-1] for step in ex.reasoning.split(",")[-2::-1]) == ex.answer
+            assert task.check(ex.answer, ex.row()) and task.check(str(a + b), ex.row())
+            assert not task.check(ex.answer[::-1], ex.row()) or ex.answer == ex.answer[::-1]
+            if split in longest:
+                longest[split] = max(longest[split], len(str(a)), len(str(b)))
+    assert longest == {"train": 5, "heldout": 6}
+    assert load_task(TaskConfig(notation="padded", min_size=1, max_size=5, heldout_size=6)).width == 7
 
 
 @pytest.mark.parametrize("answer,ok", [

@@ -66,10 +66,12 @@ class TaskConfig:
     max_size: Optional[int] = None
     heldout_size: Optional[int] = None
     max_value: Optional[int] = None
-    # Addition only: "plain" (digits only), "hinted" (a place-value letter before every digit, the
-    # index-hint format meant for length generalisation) or "scratch" (a units-first list of digit pairs
-    # re-copied minus its head each step); None keeps the task's default ("plain").
-    notation: Optional[Literal["hinted", "plain", "scratch"]] = None
+    # Addition: "plain" (digits only), "hinted" (a place-value letter before every digit, the
+    # index-hint format meant for length generalisation), "scratch" (a units-first list of digit pairs
+    # re-copied minus its head each step) or "padded" (operands zero-padded to heldout_size + 1 digits in
+    # every split, one fixed-length step per column). Sort only: "plain" (the sorted chain) or "marks"
+    # (a counting sort: every value in order, marked + or -). None keeps the task's default ("plain").
+    notation: Optional[Literal["hinted", "marks", "padded", "plain", "scratch"]] = None
     # JSONL tasks: a file of held-out rows, and a custom checker FILE.py:function.
     heldout_path: Optional[str] = None
     checker: Optional[str] = None
@@ -130,7 +132,7 @@ class GRPOConfig:
     batch_size: int = 64  # completions per optimizer step; prompts per step = batch_size / group_size
     micro_batch_size: int = 16  # completions per forward/backward (memory), any value
     generation_batch_size: int = 64  # sequences decoded at once by the sampler
-    max_completion_length: int = 48
+    max_completion_length: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -220,7 +222,7 @@ class DistillConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0
-    max_completion_length: int = 48
+    max_completion_length: int = 64
     generation_batch_size: int = 64
     require_format: bool = True  # keep only completions that also follow the response format
     # Black-box distillation: a JSONL of {prompt, completion} (no teacher model needed).
@@ -255,7 +257,7 @@ class EvalConfig:
     temperature: float = 0.6  # R1's evaluation setting
     top_p: float = 0.95
     top_k: int = 0
-    max_completion_length: int = 48
+    max_completion_length: int = 64
     generation_batch_size: int = 128
     seed: int = 0
     device: str = "auto"
@@ -305,6 +307,11 @@ class R1Config:
     # evaluation is the slowest per problem.
     pretrained_eval_n: Optional[int] = 50
     run_grpo: bool = True
+    # Sizes of GRPO's training problems (None: [task] min_size / max_size). RL may train beyond SFT's
+    # range (R1's RL prompts are not its SFT data) but stays below [task] heldout_size, so the held-out
+    # split is still longer than anything either stage trained on.
+    grpo_min_size: Optional[int] = None
+    grpo_max_size: Optional[int] = None
     run_distill: bool = True
     # A student checkpoint for distillation; None builds a fresh one from [distill] student_config.
     student: Optional[str] = None
@@ -316,7 +323,8 @@ class R1Config:
         problems: list[str] = []
         if self.sft_check_every <= 0 or self.sft_check_size <= 0:
             problems.append("sft_check_every and sft_check_size must be > 0")
-        _check_counts(problems, self, positive=("also_eval_k", "eval_n", "pretrained_eval_n"), optional=True)
+        _check_counts(problems, self, positive=("also_eval_k", "eval_n", "pretrained_eval_n", "grpo_min_size",
+                                                "grpo_max_size"), optional=True)
         if not 0 <= self.sft_target <= 1:
             problems.append(f"sft_target must be in [0, 1] (got {self.sft_target})")
         _problems_to_error("r1", problems)
@@ -356,8 +364,31 @@ def reason_config_from_dict(raw: dict[str, Any]) -> ReasonConfig:
     return from_dict(ReasonConfig, raw)
 
 
-def load_reason_config(path: Optional[str | Path] = None, overrides: list[str] | tuple[str, ...] = ()) -> ReasonConfig:
-    """Defaults, then the TOML file (if any), then ``section.key=value`` overrides; all strictly checked."""
-    raw = load_toml(path) if path else {}
+def load_reason_config(path: Optional[str | Path] = None, overrides: list[str] | tuple[str, ...] = (),
+                       base: Optional[dict[str, Any]] = None) -> ReasonConfig:
+    """Defaults, then `base` sections (an embedded recipe), then the TOML file (if any), then
+    ``section.key=value`` overrides; each layer replaces single keys of the one below, all strictly checked."""
+    raw: dict[str, Any] = {}
+    for layer in ([base] if base else []) + ([load_toml(path)] if path else []):
+        _merge(raw, layer)
     apply_overrides(raw, list(overrides))
     return reason_config_from_dict(raw)
+
+
+def _merge(base: dict[str, Any], layer: dict[str, Any]) -> None:
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def recipe_sections(name: str) -> dict[str, Any]:
+    """An embedded recipe (``frugalm/reason/recipes/NAME.toml``), e.g. `frugalm r1`'s defaults."""
+    from importlib import resources
+
+    path = resources.files("frugalm.reason") / "recipes" / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"no embedded recipe named {name!r}")
+    with resources.as_file(path) as p:
+        return load_toml(p)

@@ -14,6 +14,7 @@ interrupted pipeline continues where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -106,6 +107,31 @@ class R1Pipeline:
         self._save_report()
         return result
 
+    def _grpo_config(self) -> ReasonConfig:
+        """The config GRPO runs with: [task] with r1.grpo_min_size / grpo_max_size, when set."""
+        r1, t = self.cfg.r1, self.cfg.task
+        if r1.grpo_min_size is None and r1.grpo_max_size is None:
+            return self.cfg
+        sizes = {"min_size": r1.grpo_min_size or t.min_size, "max_size": r1.grpo_max_size or t.max_size}
+        return dataclasses.replace(self.cfg, task=dataclasses.replace(t, **sizes))
+
+    def _check_budgets(self, tokenizer: Any, task: Any, grpo_task: Any) -> None:
+        """Fail before any stage runs, not after SFT, when a completion budget cannot hold the task's
+        reference completions (each stage checks its own again when run by hand)."""
+        from frugalm.reason.response_format import check_completion_budget
+
+        cfg, seed = self.cfg, self.cfg.task.seed
+        budgets = [("eval.max_completion_length", cfg.eval.max_completion_length, split, cfg.eval.n)
+                   for split in dict.fromkeys((cfg.eval.split, cfg.r1.also_eval_split, cfg.r1.sft_check_split)) if split]
+        if cfg.r1.run_grpo and "accuracy" in cfg.grpo.reward_funcs:
+            budgets.append(("grpo.max_completion_length", cfg.grpo.max_completion_length, "train", cfg.grpo.train_size))
+        if cfg.r1.run_distill:
+            budgets.append(("distill.max_completion_length", cfg.distill.max_completion_length, "train",
+                            cfg.distill.num_prompts))
+        for setting, budget, split, n in budgets:
+            source = grpo_task if setting.startswith("grpo") else task
+            check_completion_budget(tokenizer, source.examples(split, n, seed), budget, setting, split)
+
     def _quick_pass_at_1(self, model: Path, task: Any) -> float:
         from frugalm.reason.stages import eval_stage
 
@@ -115,7 +141,7 @@ class R1Pipeline:
     def run(self) -> dict[str, Any]:
         from frugalm.reason.stages import distill_stage, grpo_stage, sft_on_pairs, _val_pairs
         from frugalm.reason.sft import export_current, build_sft_data, task_pairs
-        from frugalm.reason.tasks import load_task
+        from frugalm.reason.tasks import TaskError, load_task
         from frugalm.reason.policy import load_tokenizer_for
 
         cfg, r1 = self.cfg, self.cfg.r1
@@ -132,6 +158,14 @@ class R1Pipeline:
         cfg.save(self.out / "reason_config.toml")
         task = load_task(cfg.task)
         self.report["task"] = task.describe()
+        grpo_cfg = self._grpo_config()
+        try:
+            grpo_task = load_task(grpo_cfg.task) if grpo_cfg is not cfg else task
+        except TaskError as e:
+            raise TaskError(f"GRPO's problems (r1.grpo_min_size = {r1.grpo_min_size}, r1.grpo_max_size = "
+                            f"{r1.grpo_max_size}): {e}") from None
+        if grpo_task is not task:
+            self.report["grpo_task"] = grpo_task.describe()
         t_all = time.perf_counter()
         seconds = self.report["seconds"]
 
@@ -144,6 +178,7 @@ class R1Pipeline:
 
         base = timed("pretrain", lambda: ensure_pretrained(r1, self.say, self.progress))
         self.report["base_model"] = str(base)
+        self._check_budgets(load_tokenizer_for(base), task, grpo_task)
         if "pretrained" not in self.report["stages"]:
             timed("eval_pretrained", lambda: self._evaluate("pretrained", base, task))
 
@@ -179,7 +214,7 @@ class R1Pipeline:
         grpo_dir = self.out / "grpo"
         if r1.run_grpo:
             if "grpo" not in self.report["stages"]:
-                g = timed("grpo", lambda: grpo_stage(sft_dir, task, cfg, self.out / "runs" / "grpo", overwrite=True,
+                g = timed("grpo", lambda: grpo_stage(sft_dir, grpo_task, grpo_cfg, self.out / "runs" / "grpo", overwrite=True,
                                                      progress=self.progress, log_fn=self.say))
                 _copy_model(g.final_model, grpo_dir)
                 self.report["grpo_run"] = g.to_dict()

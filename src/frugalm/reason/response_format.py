@@ -32,6 +32,25 @@ def render_response(reasoning: str, answer: str) -> str:
     return f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
 
 
+def check_completion_budget(tokenizer: Any, examples: Sequence[Any], max_tokens: int, setting: str, split: str) -> None:
+    """Refuse a completion budget shorter than the task's own reference completions.
+
+    A perfect completion cut off at `max_tokens` has no ``</answer>`` and fails the checker, so a budget
+    below the reference length silently caps pass@1 (and GRPO's reward) below 100%; this is the mistake
+    of switching to a task with longer traces and keeping the old budget. Examples are the task's
+    (prompt, reasoning, answer) rows; the count includes EOS, as generation does.
+    """
+    lengths = [len(tokenizer.encode(render_response(ex.reasoning or "", ex.answer), add_special_tokens=False)) + 1
+               for ex in examples]
+    longest = max(lengths, default=0)
+    if longest > max_tokens:
+        from frugalm.config import ConfigError
+
+        raise ConfigError(f"{setting} = {max_tokens} is shorter than the task's reference completions on the "
+                          f"{split} split (up to {longest} tokens, EOS included): every such completion would be cut "
+                          f"off before </answer> and scored wrong; set {setting} >= {longest}")
+
+
 def user_message(question: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
     return f"{question}\n{instruction}" if instruction else question
 

@@ -16,6 +16,7 @@ from frugalm.reason.distill import (
 )
 from frugalm.reason.evaluate import EvalResult, evaluate_task
 from frugalm.reason.policy import checkpoint_kind, load_policy, load_tokenizer_for
+from frugalm.reason.response_format import check_completion_budget
 from frugalm.reason.rewards import RewardFunc
 from frugalm.reason.sft import build_sft_data, run_sft, task_pairs
 from frugalm.reason.tasks.base import Task, TaskError
@@ -99,6 +100,8 @@ def distill_stage(task: Optional[Task], cfg: ReasonConfig, out_dir: str | Path, 
             import torch
 
             torch.set_num_threads(d.num_threads)
+        check_completion_budget(load_tokenizer_for(teacher), task.examples("train", d.num_prompts, cfg.task.seed),
+                                d.max_completion_length, "distill.max_completion_length", "train")
         teacher_policy = load_policy(teacher, device=d.device, dtype=d.dtype)
         traces, stats = rejection_sample(teacher_policy, task, d, cfg.task)
         del teacher_policy
@@ -131,8 +134,11 @@ def eval_stage(model_dir: str | Path, task: Task, cfg: ReasonConfig, *, split: O
         import torch
 
         torch.set_num_threads(e.num_threads)
+    split = split or e.split
+    check_completion_budget(load_tokenizer_for(model_dir), task.examples(split, n or e.n, cfg.task.seed),
+                            e.max_completion_length, "eval.max_completion_length", split)
     policy = load_policy(model_dir, device=e.device, dtype=e.dtype, with_mtp=False)
-    return evaluate_task(policy, task, split=split or e.split, n=n or e.n, k=e.k if k is None else k,
+    return evaluate_task(policy, task, split=split, n=n or e.n, k=e.k if k is None else k,
                          temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, max_tokens=e.max_completion_length,
                          instruction=cfg.task.instruction, task_seed=cfg.task.seed,
                          seed=e.seed if seed is None else seed, max_num_seqs=e.generation_batch_size)

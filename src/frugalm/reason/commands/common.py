@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 
-def add_config_args(parser: argparse.ArgumentParser, *, task: bool = True) -> None:
+def add_config_args(parser: argparse.ArgumentParser, *, task: bool = True, recipe: Optional[str] = None) -> None:
+    on_top = (f" on top of the embedded {recipe} recipe (frugalm/reason/recipes/{recipe}.toml; --task naming "
+              "another task drops the recipe's task sizes)") if recipe else ""
     parser.add_argument("--config", metavar="FILE",
-                        help="TOML with [task] [sft] [grpo] [distill] [eval] [r1] sections (all optional)")
+                        help=f"TOML with [task] [sft] [grpo] [distill] [eval] [r1] sections (all optional){on_top}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config field, e.g. --set grpo.group_size=8 (repeatable)")
     if task:
@@ -30,14 +32,21 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def load_config(args: argparse.Namespace) -> Any:
-    """The resolved config: file, then --set, then --task (which wins for the task name)."""
-    from frugalm.reason.config import load_reason_config
+def load_config(args: argparse.Namespace, recipe: Optional[str] = None) -> Any:
+    """The resolved config: the embedded recipe (if any), file, then --set, then --task (which wins for
+    the task name)."""
+    from frugalm.reason.config import load_reason_config, recipe_sections
 
     overrides = list(args.overrides)
+    base = recipe_sections(recipe) if recipe else None
     if getattr(args, "task", None):
         overrides.append(f"task.name={json.dumps(args.task)}")
-    return load_reason_config(args.config, overrides)
+        if base and base.get("task", {}).get("name") != args.task:
+            # the recipe's sizes and notation belong to its own task: another task starts from its defaults
+            base.pop("task", None)
+            for key in ("grpo_min_size", "grpo_max_size"):
+                base.get("r1", {}).pop(key, None)
+    return load_reason_config(args.config, overrides, base=base)
 
 
 def load_task(cfg: Any) -> Any:

@@ -9,7 +9,7 @@ from frugalm.reason.commands.common import add_config_args, fail, load_config, p
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser)
+    add_config_args(parser, recipe="r1")
     parser.add_argument("--out", metavar="DIR", required=True,
                         help="writes DIR/sft, DIR/grpo, DIR/student, DIR/report.json and DIR/r1.png; running "
                              "again on the same DIR skips the stages already done")
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.base_model:
         args.overrides.append(f"r1.base_model={json.dumps(args.base_model)}")
-    cfg = load_config(args)
+    cfg = load_config(args, recipe="r1")
     try:
         report = run_r1(cfg, args.out, progress=progress_flag(args))
     except (TaskError, ValueError) as e:

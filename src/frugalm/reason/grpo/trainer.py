@@ -36,7 +36,7 @@ from frugalm.reason.config import GRPOConfig, TaskConfig
 from frugalm.reason.grpo.advantages import group_advantages
 from frugalm.reason.grpo.loss import grpo_loss, token_logprobs, token_logprobs_and_entropy
 from frugalm.reason.policy import Policy, frozen_copy
-from frugalm.reason.response_format import build_prompt_ids, extract_answer
+from frugalm.reason.response_format import build_prompt_ids, check_completion_budget, extract_answer
 from frugalm.reason.rewards import RewardFunc, RewardModel, build_reward_model
 from frugalm.reason.rollout import Sample, SamplingSettings, generate, greedy
 from frugalm.reason.signals import graceful_stop
@@ -197,6 +197,10 @@ class GRPOTrainer:
         self.stream = PromptStream(len(pool), cfg.seed)
         self.eval_examples = task.examples(cfg.eval_split, cfg.eval_size, self.task_cfg.seed) if cfg.eval_every else []
         self.eval_ids = [build_prompt_ids(tok, ex.prompt, self.instruction) for ex in self.eval_examples]
+        if "accuracy" in cfg.reward_funcs:  # custom rewards may score cut-off completions on purpose
+            check_completion_budget(tok, pool, cfg.max_completion_length, "grpo.max_completion_length", "train")
+        check_completion_budget(tok, self.eval_examples, cfg.max_completion_length, "grpo.max_completion_length",
+                                cfg.eval_split)
         context = int(getattr(policy.model.config, "max_position_embeddings", 10**9))
         longest = max(len(p) for p in self.pool_ids + self.eval_ids)
         if longest + cfg.max_completion_length > context:

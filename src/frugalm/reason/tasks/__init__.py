@@ -28,10 +28,10 @@ def load_task(cfg) -> Task:
                   if getattr(cfg, k) is not None}
         if cls is AdditionTask:
             kwargs.pop("max_value", None)
-            if cfg.notation is not None:
-                kwargs["notation"] = cfg.notation
-        elif cfg.notation is not None:
-            raise TaskError(f"task {name}: [task] notation applies to addition only")
+        if cfg.notation is not None:
+            if cls not in (AdditionTask, SortTask):
+                raise TaskError(f"task {name}: [task] notation applies to addition and sort only")
+            kwargs["notation"] = cfg.notation
         try:
             return cls(**kwargs)
         except TypeError as e:

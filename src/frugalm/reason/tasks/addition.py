@@ -3,7 +3,7 @@
 Training problems have a longer operand of min_size..max_size digits; held-out problems have
 `heldout_size` digits, more than training ever shows.
 
-Three notations (``notation``):
+Four notations (``notation``):
 
 * ``"plain"`` (default) -- ``357+29=?``, reasoning ``7+9=16, 5+2+1=8, 3+0=3``, answer ``386``. A small model
   learns it within the training lengths but scores 0% one digit longer (BENCHMARKS.md).
@@ -19,6 +19,15 @@ Three notations (``notation``):
   generalisation). Measured so far (BENCHMARKS.md): after 600 SFT steps on 1-3 digits the tiny model
   solves 24.5% of unseen <= 3-digit problems and 0% of 4-digit ones; after 720 steps on 1-6 digits, 11%
   of unseen 1-6-digit problems and 0% of 7-digit ones (it writes 6 columns). So it is not the default.
+
+* ``"padded"`` -- both operands zero-padded to one width, ``heldout_size + 1`` digits, in every split
+  (``0000357+0000029=?`` for 1-5-digit training and 6-digit held-out problems); the reasoning is one
+  fixed-length step per column, units first, ``<x>+<y>+<carry>=<two-digit sum>,``
+  (``7+9+0=16,5+2+1=08,3+0+0=03,0+0+0=00,...``), and the answer is the zero-padded sum (``0000386``; the
+  checker also accepts ``386``). Every problem has the same token layout, so nothing in it is longer on
+  held-out problems: what is new there is a significant digit in a column that training only ever
+  filled with 0. This is extrapolation in the numbers, not in sequence length; the notations above
+  test the latter (and a tiny model fails it).
 
 Digits and letters are single tokens in frugalm's tokenizer (and no spaces are used, which would merge
 with letters), so each hinted step is ten tokens.
@@ -51,7 +60,7 @@ from frugalm.reason.tasks.base import Example, GeneratedTask, TaskError
 _INT = re.compile(r"[+]?\d+")
 _HINTED = re.compile(r"(?:[a-z]\d)+")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-NOTATIONS = ("hinted", "plain", "scratch")
+NOTATIONS = ("hinted", "padded", "plain", "scratch")
 
 
 def column_steps(a: int, b: int) -> str:
@@ -65,6 +74,17 @@ def column_steps(a: int, b: int) -> str:
         steps.append(f"{x}+{y}+{carry}={s}" if carry else f"{x}+{y}={s}")
         carry = s // 10
     return ", ".join(steps)
+
+
+def padded_steps(a: int, b: int, width: int) -> str:
+    """Every one of `width` columns, units first, as ``<x>+<y>+<carry>=<two-digit sum>,``: fixed-length steps."""
+    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    steps, carry = [], 0
+    for x, y in zip(da, db):
+        s = int(x) + int(y) + carry
+        steps.append(f"{x}+{y}+{carry}={s:02d},")
+        carry = s // 10
+    return "".join(steps)
 
 
 def hinted(n: int, offset: int, upper: bool = False) -> str:
@@ -136,6 +156,8 @@ class AdditionTask(GeneratedTask):
             raise TaskError(f"addition: hinted notation has {len(LETTERS)} letters, enough for at most "
                             f"{len(LETTERS) - 1} digits (heldout_size {heldout_size})")
         self.notation = notation
+        # padded: both splits share one width, with room for the held-out sum's carry-out digit
+        self.width = heldout_size + 1
 
     def sample(self, rng: random.Random, size: int) -> Example:
         def number(digits: int) -> int:
@@ -145,6 +167,10 @@ class AdditionTask(GeneratedTask):
         b = number(rng.randint(1, size))
         if rng.random() < 0.5:
             a, b = b, a
+        if self.notation == "padded":
+            w = self.width
+            return Example(prompt=f"{a:0{w}d}+{b:0{w}d}=?", answer=f"{a + b:0{w}d}", columns={"a": a, "b": b},
+                           reasoning=padded_steps(a, b, w))
         if self.notation in ("plain", "scratch"):
             steps = column_steps(a, b) if self.notation == "plain" else scratch_steps(a, b)
             return Example(prompt=f"{a}+{b}=?", answer=str(a + b), columns={"a": a, "b": b}, reasoning=steps)

@@ -1,0 +1,1 @@
+"""Embedded reasoning recipes (TOML): `frugalm r1` starts from r1.toml."""
