@@ -51,9 +51,9 @@ def test_a_budget_shorter_than_the_reference_completions_is_refused(tiny_model_d
                  *SMALL_TASK, "--set", "distill.max_completion_length=12"]) == 2
     assert "distill.max_completion_length = 12 is shorter" in capsys.readouterr().err
     assert not (out / "sft").exists() and not (out / "runs").exists()
-    # the recipe's GRPO lists (6-7) must stay shorter than the held-out ones
+    # the recipe's GRPO lists (2-7) must stay shorter than the held-out ones
     assert main(["r1", "--out", str(out), "--base-model", str(tiny_model_dir), "--set", "task.heldout_size=7"]) == 2
-    assert ("GRPO's problems (r1.grpo_min_size = 6, r1.grpo_max_size = 7): sort: heldout_size (7) must exceed "
+    assert ("GRPO's problems (r1.grpo_min_size = None, r1.grpo_max_size = 7): sort: heldout_size (7) must exceed "
             "max_size (7)") in capsys.readouterr().err
 
 
@@ -162,7 +162,7 @@ def test_r1_starts_from_its_embedded_recipe(tmp_path):
 
     c = cfg()
     assert (c.task.name, c.task.notation, c.task.max_size, c.task.heldout_size) == ("sort", "marks", 6, 8)
-    assert (c.r1.grpo_min_size, c.r1.grpo_max_size, c.grpo.dynamic_sampling) == (6, 7, True)
+    assert (c.r1.grpo_min_size, c.r1.grpo_max_size, c.grpo.dynamic_sampling) == (None, 7, True)
     assert c.grpo.group_size == 8  # not in the recipe: the dataclass default
     f = tmp_path / "mine.toml"
     f.write_text("[task]\nheldout_size = 9\n[grpo]\nlr = 5e-4\n")
