@@ -86,8 +86,18 @@ def test_sft_grpo_distill_commands(tiny_model_dir, tmp_path, capsys):
     assert main(["distill", "--out", str(tmp_path / "d2")]) == 2
 
 
-def test_r1_pipeline_end_to_end(tiny_model_dir, tmp_path, capsys):
+def test_r1_pipeline_end_to_end(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import frugalm.reason.stages as stages
+
     out = tmp_path / "r1"
+    grpo_runs = []
+    real_grpo_stage = stages.grpo_stage
+
+    def spy(model_dir, task, cfg, *a, **kw):  # what GRPO actually trains on
+        grpo_runs.append((task.describe(), cfg.task.min_size, cfg.task.max_size))
+        return real_grpo_stage(model_dir, task, cfg, *a, **kw)
+
+    monkeypatch.setattr(stages, "grpo_stage", spy)
     # the embedded recipe's task (sort, marks notation), smaller; GRPO on longer lists than SFT, held-out longer still
     small = ["--set", "task.max_size=3", "--set", "task.heldout_size=5", "--set", "r1.grpo_min_size=3",
              "--set", "r1.grpo_max_size=4", "--set", "grpo.dynamic_sampling=false"]
@@ -116,8 +126,7 @@ def test_r1_pipeline_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert report["task"] == {"name": "sort", "min_size": 2, "max_size": 3, "heldout_size": 5, "max_value": 9,
                               "notation": "marks"}
     assert report["grpo_task"] == {**report["task"], "min_size": 3, "max_size": 4}
-    grpo_config = (out / "runs" / "grpo" / "reason_config.toml")
-    assert not grpo_config.exists() or "max_size = 4" in grpo_config.read_text()
+    assert grpo_runs == [(report["grpo_task"], 3, 4)]
 
 
 def test_training_commands_share_one_stage_runner(tmp_path, capsys):
