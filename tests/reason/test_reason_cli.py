@@ -180,3 +180,22 @@ def test_r1_starts_from_its_embedded_recipe(tmp_path):
     c = cfg(task="addition")
     assert (c.task.name, c.task.notation, c.task.max_size, c.r1.grpo_max_size) == ("addition", None, None, None)
     assert c.sft.max_steps == 500  # the rest of the recipe still applies
+
+
+def test_r1_verdict_tells_ability_sharpening_noise_and_loss(tmp_path):
+    """The report's sentence on the held-out split follows 2-standard-error margins both ways."""
+    from frugalm.reason.config import ReasonConfig
+    from frugalm.reason.pipeline import R1Pipeline
+
+    def verdict(sft, grpo):
+        p = R1Pipeline(ReasonConfig(), tmp_path)
+        row = lambda p1, pk: {"n": 200, "pass_at_1": p1, "pass_at_k": pk}  # noqa: E731
+        p.report = {"stages": {"sft": row(*sft), "grpo": row(*grpo)}}
+        return p.verdict()["heldout"]["summary"]
+
+    assert "added ability" in verdict((0.105, 0.155), (0.62, 0.71))
+    assert "sharpened" in verdict((0.40, 0.60), (0.52, 0.62))
+    assert "within noise" in verdict((0.30, 0.50), (0.32, 0.52))
+    # a drop beyond noise is said as such (-0.105 against a margin of about 0.086)
+    lowered = verdict((0.305, 0.52), (0.20, 0.23))
+    assert "lowered pass@1 by 0.105, beyond noise" in lowered and "pass@k changed by -0.290" in lowered

@@ -272,6 +272,9 @@ class R1Pipeline:
                 text = "GRPO raised both pass@1 and pass@k beyond noise: it added ability, not only sharpening"
             elif d1 > m1:
                 text = "GRPO raised pass@1 but not pass@k beyond noise: it sharpened what SFT put in place"
+            elif d1 < -m1:
+                text = (f"GRPO lowered pass@1 by {-d1:.3f}, beyond noise (±{m1:.3f}, 2 standard errors); pass@k "
+                        f"changed by {dk:+.3f} (±{mk:.3f})")
             else:
                 text = f"GRPO's pass@1 change ({d1:+.3f}) is within noise (±{m1:.3f}, 2 standard errors)"
             out[split] = {"delta_pass_at_1": d1, "margin_pass_at_1": m1, "delta_pass_at_k": dk, "margin_pass_at_k": mk,
