@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any, Optional, Sequence
 
+from frugalm.config import ConfigError
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
@@ -44,8 +46,6 @@ def check_completion_budget(tokenizer: Any, examples: Sequence[Any], max_tokens:
                for ex in examples]
     longest = max(lengths, default=0)
     if longest > max_tokens:
-        from frugalm.config import ConfigError
-
         raise ConfigError(f"{setting} = {max_tokens} is shorter than the task's reference completions on the "
                           f"{split} split (up to {longest} tokens, EOS included): every such completion would be cut "
                           f"off before </answer> and scored wrong; set {setting} >= {longest}")

@@ -2,8 +2,8 @@
 
 With the default values 0..9 every number is one token and the lists are permutations of distinct
 digits, so each output step is a comparison of token *contents* ("the smallest number above the last
-one written"), which a small model can learn without counting positions, and which extends to the
-longer held-out lists. The reference reasoning is the chain of comparisons, e.g. ``1<3<7``.
+one written"), which a small model can learn without counting positions. The reference reasoning is
+the chain of comparisons, e.g. ``1<3<7``.
 Larger `max_value` gives multi-token numbers (harder); lists stay distinct while they can.
 
 Notation ``"marks"`` replaces that chain with a counting sort: one step per possible value, in order,
