@@ -78,10 +78,10 @@ def column_steps(a: int, b: int) -> str:
 
 def padded_steps(a: int, b: int, width: int) -> str:
     """Every one of `width` columns, units first, as ``<x>+<y>+<carry>=<two-digit sum>,``: fixed-length steps."""
-    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    aligned = pairs(a, b)
     steps, carry = [], 0
-    for x, y in zip(da, db):
-        s = int(x) + int(y) + carry
+    for x, y in aligned + [(0, 0)] * (width - len(aligned)):
+        s = x + y + carry
         steps.append(f"{x}+{y}+{carry}={s:02d},")
         carry = s // 10
     return "".join(steps)
