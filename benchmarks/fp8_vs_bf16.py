@@ -373,28 +373,59 @@ def _seed_peak_flops(trainer) -> None:
     (trainer.out_dir / PEAK_FILE).write_text(json.dumps(_PEAK_CACHE[key], indent=1) + "\n")
 
 
-def step_speed(configs: dict, steps: int = 3, repeats: int = 3) -> dict[str, float]:
+def _param_counts(cfg) -> dict[str, int]:
+    return cfg.model.param_counts()
+
+
+def step_speed(configs: dict, steps: int = 3, repeats: int = 3) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds per `Trainer.train_step` of each config, built side by side in one process and timed in turns
-    (best of ``repeats`` rounds of ``steps`` steps), so the ratios share one machine state."""
+    (best of ``repeats`` rounds of ``steps`` steps), so the ratios share one machine state; and each run's
+    matmul peak (FLOP/s in its compute dtype, measured here) for MFU.
+
+    Trainers are built one at a time and freed before the next on an accelerator (a ~1B model's optimizer
+    state twice over may not fit); on the CPU they are kept and interleaved, which load hurts least.
+    """
+    import gc
     import tempfile
     import time
 
+    import torch
+
+    from frugalm.train.perf import _synchronize, measure_matmul_flops
     from frugalm.train.trainer import Trainer
 
-    trainers = {}
+    best = {name: float("inf") for name in configs}
+    peaks: dict[str, float] = {}
+
+    def timed_rounds(name: str, tr, rounds: int) -> None:
+        for _ in range(rounds):
+            _synchronize(tr.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tr.train_step()
+            _synchronize(tr.device)
+            best[name] = min(best[name], (time.perf_counter() - t0) / steps)
+
     with tempfile.TemporaryDirectory() as tmp:
+        trainers = {}
         for name, cfg in configs.items():
-            tr = trainers[name] = Trainer(cfg, Path(tmp) / name, progress=False, log_fn=lambda m: None)
+            tr = Trainer(cfg, Path(tmp) / name, progress=False, log_fn=lambda m: None)
             _seed_peak_flops(tr)
+            dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+            peaks[name] = measure_matmul_flops(tr.device, dtype)
             tr.train_step()  # warm-up
-        best = {name: float("inf") for name in configs}
+            if tr.device.type == "cpu":
+                trainers[name] = tr
+            else:
+                tr.train_step()
+                timed_rounds(name, tr, repeats)
+                del tr
+                gc.collect()
+                torch.cuda.empty_cache() if torch.cuda.is_available() else None
         for _ in range(repeats):
             for name, tr in trainers.items():
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    tr.train_step()
-                best[name] = min(best[name], (time.perf_counter() - t0) / steps)
-    return best
+                timed_rounds(name, tr, 1)
+    return best, peaks
 
 
 def run_one(name: str, cfg, out: Path, init_seed: int | None, reuse: bool) -> dict:
@@ -433,6 +464,8 @@ def main() -> None:
     ap.add_argument("--speed", default="",
                     help="comma list of variants whose train-step time to measure side by side in this process "
                          "(fp8 variants with both backends: sliced and emulated)")
+    ap.add_argument("--speed-backends", default="emulated,sliced",
+                    help="fp8.backend values the --speed fp8 variants are timed with (blockwise on H100/H200)")
     ap.add_argument("--activation-memory", action="store_true",
                     help="measure bytes saved for backward in one forward, FP8 vs BF16")
     ap.add_argument("--check-resume", type=int, default=0, metavar="STEPS",
@@ -531,18 +564,30 @@ def main() -> None:
         for name in args.speed.split(","):
             cfg = config_of(name)
             if cfg.fp8.enabled:
-                for backend in ("emulated", "sliced"):
+                for backend in args.speed_backends.split(","):
                     speed_cfgs[f"{name}[{backend}]"] = dataclasses.replace(
                         cfg, fp8=dataclasses.replace(cfg.fp8, backend=backend))
             else:
                 speed_cfgs[name] = cfg
-        sec = step_speed(speed_cfgs)
-        tokens = next(iter(speed_cfgs.values())).train.tokens_per_step
+        sec, peaks = step_speed(speed_cfgs)
+        first = next(iter(speed_cfgs.values()))
+        tokens = first.train.tokens_per_step
+        from frugalm.plan.flops import training_flops_per_token
+
+        flops_per_token = training_flops_per_token(first.model, first.train.seq_len)
         ref = sec.get("fp32") or sec.get("bf16")
         for name, t in sec.items():
-            print(f"train step {name:20s} {1000 * t:8.1f} ms  {tokens / t:8,.0f} tok/s"
+            mfu = tokens * flops_per_token / t / peaks[name]
+            print(f"train step {name:20s} {1000 * t:8.1f} ms  {tokens / t:8,.0f} tok/s  MFU {100 * mfu:5.1f}%"
                   + (f"  {t / ref:5.2f}x {'fp32' if 'fp32' in sec else 'bf16'}" if ref else ""))
         report["step_seconds"] = sec
+        report["step_speed"] = {
+            "tokens_per_step": tokens, "flops_per_token": flops_per_token,
+            "matmul_peak_flops": peaks, "params": _param_counts(first),
+            "mfu": {name: tokens * flops_per_token / t / peaks[name] for name, t in sec.items()},
+        }
+        print(f"  ({tokens} tokens/step, {flops_per_token / 1e9:.2f} GFLOP/token, MFU against the matmul rate "
+              f"measured in this process in the step's compute dtype; params {report['step_speed']['params']})")
 
     if args.activation_memory:
         act = {}

@@ -8,6 +8,10 @@ peak of tensor bytes alive at once (profiler allocator events; the figure to com
 growth over a malloc_trim'ed baseline (what the process really took, allocator caching included).
 
     python benchmarks/model_vs_transformers.py [--rounds 5] [--batch 4] [--seq 256] [--clock cpu] [--compile]
+
+On an accelerator (``--device cuda --dtype bfloat16``) both models hold weights in that dtype, MFU is taken
+against a dense matmul in that dtype on that device, and peak memory is the device allocator's peak over
+one fwd+bwd minus what was allocated before it (``torch.cuda.max_memory_allocated``), in this process.
 """
 
 from __future__ import annotations
@@ -50,7 +54,21 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return float(planner_flops(cfg, seq, training=True, include_mtp=False))
 
 
+DEVICE = torch.device("cpu")
+DTYPE = torch.float32
+
+
+def _sync() -> None:
+    from frugalm.train.perf import _synchronize
+
+    _synchronize(DEVICE)
+
+
 def matmul_rate(n: int = 2048, reps: int = 5, clock=time.perf_counter) -> float:
+    if DEVICE.type != "cpu":
+        from frugalm.train.perf import measure_matmul_flops
+
+        return measure_matmul_flops(DEVICE, DTYPE, seconds=0.3)
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     t = clock()
@@ -65,19 +83,21 @@ def expert_gemm_rate(cfg: ModelConfig, tokens: int, reps: int = 3, clock=time.pe
     from frugalm.model.moe import GroupedExperts
 
     E, K, d, inter = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
-    experts = GroupedExperts(E, d, inter)
+    experts = GroupedExperts(E, d, inter).to(DEVICE, DTYPE)
     torch.nn.init.normal_(experts.gate_up_proj, std=0.02)
     torch.nn.init.normal_(experts.down_proj, std=0.02)
     counts = torch.full((E,), tokens * K // E)
     counts[: tokens * K - int(counts.sum())] += 1
-    offs = counts.cumsum(0, dtype=torch.int32)
-    x = torch.randn(tokens * K, d, requires_grad=True)
-    dy = torch.randn(tokens * K, d)
+    offs = counts.cumsum(0, dtype=torch.int32).to(DEVICE)
+    x = torch.randn(tokens * K, d, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    dy = torch.randn(tokens * K, d, device=DEVICE, dtype=DTYPE)
     best = float("inf")
     for i in range(reps + 1):
+        _sync()
         t = clock()
         experts(x, offs).backward(dy)
         experts.gate_up_proj.grad = experts.down_proj.grad = x.grad = None
+        _sync()
         if i:
             best = min(best, clock() - t)
     return 6 * tokens * K * 3 * d * inter / best
@@ -88,12 +108,14 @@ def build(name: str, impl: str, path: str):
     if impl == "frugalm":
         import frugalm
 
-        return frugalm.from_pretrained(path).train()
+        return frugalm.from_pretrained(path, device=DEVICE, dtype=DTYPE).train()
     import transformers
 
-    m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE).to(DEVICE)
     m.train()
-    if impl.startswith("hf-"):
+    if impl.startswith("hf-") and impl != "hf-default":
+        if not hasattr(m, "set_experts_implementation"):
+            raise NotImplementedError(f"transformers {transformers.__version__} cannot choose experts implementations")
         m.set_experts_implementation(impl[3:])
     return m
 
@@ -115,8 +137,10 @@ def time_impls(models: dict, ids: torch.Tensor, rounds: int, clock=time.perf_cou
     for _ in range(rounds):
         rate = max(rate, matmul_rate(reps=2, clock=clock))
         for k, m in models.items():
+            _sync()
             t = clock()
             step(m, ids)
+            _sync()
             best[k] = min(best[k], clock() - t)
     return {k: ids.numel() / v for k, v in best.items()}, rate
 
@@ -164,6 +188,18 @@ def child_memory(name: str, impl: str, path: str, batch: int, seq: int) -> None:
     print(json.dumps({"tensor_peak_mib": live_tensor_peak(lambda: step(model, ids)) / 2**20, "rss_peak_mib": rss}))
 
 
+def device_peak_memory(model, ids: torch.Tensor) -> dict[str, float]:
+    """Accelerator: the allocator's peak over one steady-state fwd+bwd, above what was allocated before."""
+    step(model, ids)
+    _sync()
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    base = torch.cuda.memory_allocated(DEVICE)
+    step(model, ids)
+    _sync()
+    peak = (torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20
+    return {"tensor_peak_mib": peak, "rss_peak_mib": float("nan")}
+
+
 def peak_memory(name: str, impl: str, path: str, batch: int, seq: int) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, __file__, "--child", name, impl, path, str(batch), str(seq)],
@@ -193,25 +229,40 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also time torch.compile'd frugalm and transformers (grouped_mm); compile time reported")
     ap.add_argument("--no-eager-hf", action="store_true", help="skip transformers' eager experts (slow on fine)")
+    ap.add_argument("--device", default="cpu", help="torch device of both models (e.g. cuda)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
     if args.child:
         name, impl, path, b, s = args.child
         child_memory(name, impl, path, int(b), int(s))
         return
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
-    print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}, clock: {args.clock}")
+    from frugalm.train.perf import device_name
+
+    print(f"machine: {device_name(DEVICE)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{args.dtype}, clock: {args.clock}")
     for name in args.configs.split(","):
         cfg = model_config(name)
         with tempfile.TemporaryDirectory() as path:
             DeepSeekV3(cfg).init_weights(0).save_pretrained(path)
             impls = ["frugalm", "hf-grouped_mm"] if args.no_eager_hf else ["frugalm", "hf-eager", "hf-grouped_mm"]
-            models = {k: build(name, k, path) for k in impls}
-            ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+            models = {}
+            for k in impls:
+                try:
+                    models[k] = build(name, k, path)
+                except NotImplementedError as exc:  # older transformers: one experts path, its default
+                    print(f"  {exc}; timing its default as hf-default")
+                    models.setdefault("hf-default", build(name, "hf-default", path))
+            ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq)).to(DEVICE)
             compile_s = {}
             if args.compile:
                 for k in ("frugalm", "hf-grouped_mm"):
+                    if k not in models:
+                        continue
                     compiled = compile_impl(build(name, k, path), k)
                     t = time.perf_counter()
                     try:
@@ -224,12 +275,15 @@ def main() -> None:
                     models[k + "+compile"] = compiled
             tps, rate = time_impls(models, ids, args.rounds, clock)
             hf_best = max((k for k in models if k.startswith("hf-") and "compile" not in k), key=lambda k: tps[k])
-            mem = {k: peak_memory(name, k, path, args.batch, args.seq) for k in ("frugalm", hf_best)}
+            if DEVICE.type == "cuda":
+                mem = {k: device_peak_memory(models[k], ids) for k in ("frugalm", hf_best)}
+            else:
+                mem = {k: peak_memory(name, k, path, args.batch, args.seq) for k in ("frugalm", hf_best)}
             gemm = expert_gemm_rate(cfg, args.batch * args.seq, clock=clock)
         fpt = flops_per_token(cfg, args.seq)
         print(f"\n[{name}] {cfg.n_routed_experts} experts x {cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}, "
               f"{cfg.n_shared_experts} shared, groups {cfg.n_group}/{cfg.topk_group}; batch {args.batch}x{args.seq}; "
-              f"{fpt / 1e6:.1f} MFLOP/token; dense fp32 matmul 2048^3 (best in run): {rate / 1e9:.1f} GFLOP/s")
+              f"{fpt / 1e6:.1f} MFLOP/token; dense {args.dtype} matmul (best in run): {rate / 1e9:.1f} GFLOP/s")
         for k in models:
             mfu = tps[k] * fpt / rate
             extra = f"   (compile + 2 first steps: {compile_s[k]:.0f} s wall)" if k in compile_s else ""

@@ -20,6 +20,7 @@ interleaved in one process, in wall and in CPU time; a checkpoint with a tokeniz
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -31,6 +32,7 @@ import torch
 from frugalm.model.config import ModelConfig
 from frugalm.model.transformer import DeepSeekV3
 from frugalm.serve import LLM, SamplingParams
+from frugalm.train.perf import _synchronize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,27 +52,29 @@ def hf_cache_bytes(cache) -> int:
     return total
 
 
-def bench_decode(path: Path, batches: list[int], prompt_len: int, new: int, repeats: int) -> list[dict]:
+def bench_decode(path: Path, batches: list[int], prompt_len: int, new: int, repeats: int,
+                 device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> list[dict]:
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
     hf.generation_config.eos_token_id = None
     vocab = hf.config.vocab_size
     rows = []
     for B in batches:
-        llm = LLM(path, max_num_seqs=B, max_num_batched_tokens=max(2048, B * prompt_len),
-                  enable_prefix_caching=False)
+        llm = LLM(path, device=device, dtype=dtype, max_num_seqs=B,
+                  max_num_batched_tokens=max(2048, B * prompt_len), enable_prefix_caching=False)
         g = torch.Generator().manual_seed(B)
-        warm = torch.randint(2, vocab, (B, prompt_len), generator=g)
-        ids = torch.randint(2, vocab, (B, prompt_len), generator=g)
-        mask = torch.ones_like(ids)
+        warm = torch.randint(2, vocab, (B, prompt_len), generator=g).to(device)
+        ids = torch.randint(2, vocab, (B, prompt_len), generator=g).to(device)
 
         def hf_run(x, n):
             gc = transformers.GenerationConfig(max_new_tokens=n, do_sample=False,
                                                eos_token_id=None, pad_token_id=0)
             with torch.no_grad():
-                return hf.generate(x, attention_mask=torch.ones_like(x), generation_config=gc,
-                                   return_dict_in_generate=True)
+                out = hf.generate(x, attention_mask=torch.ones_like(x), generation_config=gc,
+                                  return_dict_in_generate=True)
+            _synchronize(device)  # the engine returns host lists; generate returns device tensors
+            return out
 
         def ours_run(x, n):
             return llm.generate(x.tolist(), SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
@@ -114,7 +118,8 @@ def timed_both(fn) -> tuple[float, float]:
 
 
 def bench_mtp(path: Path, prompt_len: int, new: int, ks: list[int], label: str, repeats: int,
-              prompts: list[list[int]] | None = None, batches: tuple[int, ...] = (1,)) -> list[dict]:
+              prompts: list[list[int]] | None = None, batches: tuple[int, ...] = (1,),
+              device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> list[dict]:
     """Greedy MTP speculation vs plain decoding, side by side in one process. "before" is the same engine
     with `runner.lean_multi_token = False`: verification (1 + k tokens per sequence) and the MTP layer over
     the accepted positions then take the general path, as before they had a lean one."""
@@ -125,14 +130,15 @@ def bench_mtp(path: Path, prompt_len: int, new: int, ks: list[int], label: str, 
         prompts = [torch.randint(2, vocab, (prompt_len,), generator=g).tolist() for _ in range(max(3, *batches))]
     single = prompts[:4] if len(prompts) <= 4 else prompts[:3]  # batch 1: 3 random prompts, or the given ones
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    plain = LLM(path, enable_prefix_caching=False)
+    plain = LLM(path, device=device, dtype=dtype, enable_prefix_caching=False)
     plain.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4))
     for B in batches:
         # Batch 1: each prompt alone, times summed. Batch B: B prompts (cycled) in one generate call.
         runs = [[p] for p in single] if B == 1 else [[prompts[i % len(prompts)] for i in range(B)]]
         base = [[c.token_ids for c in plain.generate(r, params)] for r in runs]
         for k in ks:
-            llm = LLM(path, speculative="mtp", num_speculative_tokens=k, enable_prefix_caching=False)
+            llm = LLM(path, device=device, dtype=dtype, speculative="mtp", num_speculative_tokens=k,
+                      enable_prefix_caching=False)
             runner = llm.engine.runner
             llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=4))
             st = llm.stats
@@ -259,15 +265,30 @@ def main() -> None:
                     help="CPU ms per step in each part of a batch-1 speculative step (k = first of --mtp-k)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: decode,mtp,synthetic")
     ap.add_argument("--json", type=Path, default=None, help="write all results here")
+    ap.add_argument("--device", default="cpu", help="torch device of both models (e.g. cuda)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and compute dtype")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                    help="change the random model's config (no --model), e.g. --set hidden_size=1024")
     args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
-    results: dict = {"threads": args.threads, "torch": torch.__version__}
+    results: dict = {"threads": args.threads, "torch": torch.__version__, "device": str(device),
+                     "dtype": args.dtype}
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model
         if path is None:
             path = Path(tmp) / "bench"
             cfg = ModelConfig.from_json(ROOT / "configs/examples/tiny-checkpoint/config.json")
+            if args.overrides:
+                fields = dataclasses.asdict(cfg)
+                for item in args.overrides:
+                    key, _, value = item.partition("=")
+                    if key not in fields:
+                        raise SystemExit(f"--set {item}: ModelConfig has no field {key!r}")
+                    fields[key] = json.loads(value)
+                cfg = ModelConfig(**fields)
+                results["model_overrides"] = args.overrides
             DeepSeekV3(cfg).init_weights(0).save_pretrained(path)
         cfg = ModelConfig.from_json(path)
         v3 = ModelConfig()
@@ -281,7 +302,7 @@ def main() -> None:
         print(json.dumps(results["cache"]), flush=True)
         if "decode" not in skip:
             results["decode"] = bench_decode(path, [int(b) for b in args.batches.split(",")], args.prompt_len,
-                                             args.new, args.repeats)
+                                             args.new, args.repeats, device, dtype)
         ks = [int(k) for k in args.mtp_k.split(",")]
         mtp_batches = tuple(int(b) for b in args.mtp_batches.split(","))
         if args.profile_mtp and cfg.num_nextn_predict_layers > 0:
@@ -291,12 +312,12 @@ def main() -> None:
             label = "given checkpoint" if args.model else "random weights (untrained MTP)"
             prompts = text_prompts(path) if args.model else None
             results["mtp"] = bench_mtp(path, args.prompt_len, args.new, ks, label, args.repeats, prompts,
-                                       mtp_batches)
+                                       mtp_batches, device, dtype)
         if "synthetic" not in skip:
             spath, prompts = synthetic_mtp_checkpoint(Path(tmp) / "synthetic")
             results["mtp_synthetic"] = bench_mtp(spath, 16, min(args.new, 100), ks,
                                                  "synthetic rule-trained tiny model", args.repeats, prompts,
-                                                 mtp_batches)
+                                                 mtp_batches, device, dtype)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

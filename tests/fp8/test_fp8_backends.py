@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import math
+
 import pytest
 import torch
 
@@ -134,7 +136,17 @@ def test_blockwise_agrees_with_sliced_and_emulated_on_gpu(rhs, shape):
     sliced = SlicedGemm().gemm(a_q, b_q, torch.float32).double().cpu()
     a_cpu = type(a_q)(a_q.data.cpu(), a_q.scale.cpu(), a_q.tile)
     b_cpu = type(b_q)(b_q.data.cpu(), b_q.scale.cpu(), b_q.tile)
-    # TF32 or tensor-core accumulation order may differ; allow the FP32 agreement bound plus 2^-13 relative.
-    bound = agreement_bound(a_cpu, b_cpu) + 2.0 ** -13 * (a_cpu.dequantize().abs() @ b_cpu.dequantize().abs().t())
-    assert ((blockwise - emulated).abs() <= bound.double()).all()
-    assert ((blockwise - sliced).abs() <= bound.double()).all()
+    # cuBLAS's block-scaled FP8 GEMM does not match FP32 accumulation: on an H100 (torch 2.11+cu130) its worst
+    # |blockwise - emulated| over these cases was 7.4e-4 to 1.2e-3 of |a|.|b| (2^-10.4 to 2^-9.7; BENCHMARKS.md),
+    # in line with Hopper's reduced-precision FP8 accumulation that the DeepSeek-V3 report describes. Allowed:
+    # the FP32 agreement bound plus 2^-8 of |a|.|b| -- a check that the scales and layout are right, not a
+    # claim of FP32 accuracy.
+    mag = a_cpu.dequantize().abs().double() @ b_cpu.dequantize().abs().t().double()
+    bound = agreement_bound(a_cpu, b_cpu).double() + 2.0 ** -8 * mag
+    worst = ((blockwise - emulated).abs() / mag.clamp_min(1e-30)).max().item()
+    print(f"blockwise vs emulated: max |diff| / (|a|.|b|) = {worst:.3e} (2^{math.log2(max(worst, 1e-30)):.1f})")
+    assert ((blockwise - emulated).abs() <= bound).all(), f"max |diff| / (|a|.|b|) = {worst:.3e}"
+    assert ((blockwise - sliced).abs() <= bound).all()
+    # Direct BF16 output: the FP32 result rounded once (cuBLAS may pick another kernel, hence the bound).
+    bf16 = BlockwiseGemm().gemm(a_q, b_q, torch.bfloat16).double().cpu()
+    assert ((bf16 - blockwise).abs() <= 2.0 ** -8 * blockwise.abs() + bound).all()

