@@ -81,6 +81,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    rot = torch.complex(cos, sin).unsqueeze(-2)  # broadcast over heads
-    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+    return rotate_pairs(x.contiguous(), torch.complex(cos, sin).unsqueeze(-2))  # broadcast over heads
+
+
+def rotate_pairs(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Adjacent channel pairs of x [..., D] times the complex factors rot [..., D/2] (broadcast), in fp32,
+    returned in x's dtype: the core of `apply_rope`, also called by the serving engine with factors it
+    builds once per step. x may be a slice at an even channel offset (no copy is made for a complex view);
+    casts that would be no-ops are skipped, since at decode sizes every dispatched op counts."""
+    fp32 = x.dtype == torch.float32
+    xc = torch.view_as_complex((x if fp32 else x.float()).unflatten(-1, (-1, 2)))
+    out = torch.view_as_real(xc * rot).flatten(-2)
+    return out if fp32 else out.to(x.dtype)

@@ -32,6 +32,7 @@ from torch import nn
 
 from frugalm.model.attention import MLA, RMSNorm
 from frugalm.model.moe import MoE, SwiGLU
+from frugalm.model.rope import rotate_pairs
 from frugalm.model.transformer import DecoderLayer, DeepSeekV3
 from frugalm.serve.mla import AttentionGroup, absorbed_attention, absorbed_weights, prefill_attention
 
@@ -256,14 +257,6 @@ def _linear(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, mod.weight, mod.bias)
 
 
-def _rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """`frugalm.model.rope.apply_rope` as one complex multiply: pair (x0, x1) -> (x0 + i x1)(cos + i sin)."""
-    fp32 = x.dtype == torch.float32  # skip no-op casts: at decode sizes every dispatched op counts
-    xc = torch.view_as_complex((x if fp32 else x.float()).unflatten(-1, (-1, 2)))
-    out = torch.view_as_real(xc * rot).flatten(-2)
-    return out if fp32 else out.to(x.dtype)
-
-
 def _swiglu(mlp: SwiGLU, x: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight), mlp.down_proj.weight)
 
@@ -288,13 +281,13 @@ def _decode_layer(layer: DecoderLayer, cache: torch.Tensor, x: torch.Tensor, ste
     q = q.view(B, H, -1)
     kv = _linear(attn.kv_a_proj_with_mqa, h)
     c_kv = _norm(attn.kv_a_layernorm, kv[:, :r])
-    k_pe = _rope(kv[:, r:], step.rope)
+    k_pe = rotate_pairs(kv[:, r:], step.rope)
     D = cache.shape[-1]
     cache.view(-1, D).index_copy_(0, step.slots, torch.cat([c_kv, k_pe], dim=-1))
 
     w_uk, w_uv = absorbed_weights(attn)
     q_lat = torch.bmm(q[:, :, :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]
-    q = torch.cat([q_lat, _rope(q[:, :, nope:], step.rope[:, None])], dim=-1).view(G, -1, D)  # [G, T*H, D]
+    q = torch.cat([q_lat, rotate_pairs(q[:, :, nope:], step.rope[:, None])], dim=-1).view(G, -1, D)  # [G, T*H, D]
     ctx = cache.index_select(0, step.block_ids).view(G, -1, D)  # [G, S, r + rope]
     if step.mask.dtype == q.dtype:
         scores = torch.baddbmm(step.mask, q, ctx.transpose(1, 2), alpha=attn.softmax_scale)
