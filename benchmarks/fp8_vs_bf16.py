@@ -379,8 +379,8 @@ def _param_counts(cfg) -> dict[str, int]:
 
 def step_speed(configs: dict, steps: int = 3, repeats: int = 3) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds per `Trainer.train_step` of each config, built side by side in one process and timed in turns
-    (best of ``repeats`` rounds of ``steps`` steps), so the ratios share one machine state; and each run's
-    matmul peak (FLOP/s in its compute dtype, measured here) for MFU.
+    (best of ``repeats`` rounds of ``steps`` steps), so the ratios share one machine state; and, on an
+    accelerator, each run's matmul peak (FLOP/s in its compute dtype, measured here) for MFU.
 
     Trainers are built one at a time and freed before the next on an accelerator (a ~1B model's optimizer
     state twice over may not fit); on the CPU they are kept and interleaved, which load hurts least.
@@ -411,8 +411,9 @@ def step_speed(configs: dict, steps: int = 3, repeats: int = 3) -> tuple[dict[st
         for name, cfg in configs.items():
             tr = Trainer(cfg, Path(tmp) / name, progress=False, log_fn=lambda m: None)
             _seed_peak_flops(tr)
-            dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-            peaks[name] = measure_matmul_flops(tr.device, dtype)
+            if tr.device.type != "cpu":  # on this CPU BF16 matmuls run far below FP32 ones: no MFU there
+                dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+                peaks[name] = measure_matmul_flops(tr.device, dtype)
             tr.train_step()  # warm-up
             if tr.device.type == "cpu":
                 trainers[name] = tr
@@ -577,17 +578,18 @@ def main() -> None:
         flops_per_token = training_flops_per_token(first.model, first.train.seq_len)
         ref = sec.get("fp32") or sec.get("bf16")
         for name, t in sec.items():
-            mfu = tokens * flops_per_token / t / peaks[name]
-            print(f"train step {name:20s} {1000 * t:8.1f} ms  {tokens / t:8,.0f} tok/s  MFU {100 * mfu:5.1f}%"
+            mfu = f"  MFU {100 * tokens * flops_per_token / t / peaks[name]:5.1f}%" if name in peaks else ""
+            print(f"train step {name:20s} {1000 * t:8.1f} ms  {tokens / t:8,.0f} tok/s{mfu}"
                   + (f"  {t / ref:5.2f}x {'fp32' if 'fp32' in sec else 'bf16'}" if ref else ""))
         report["step_seconds"] = sec
         report["step_speed"] = {
             "tokens_per_step": tokens, "flops_per_token": flops_per_token,
             "matmul_peak_flops": peaks, "params": _param_counts(first),
-            "mfu": {name: tokens * flops_per_token / t / peaks[name] for name, t in sec.items()},
+            "mfu": {name: tokens * flops_per_token / t / peaks[name] for name, t in sec.items() if name in peaks},
         }
-        print(f"  ({tokens} tokens/step, {flops_per_token / 1e9:.2f} GFLOP/token, MFU against the matmul rate "
-              f"measured in this process in the step's compute dtype; params {report['step_speed']['params']})")
+        print(f"  ({tokens} tokens/step, {flops_per_token / 1e9:.2f} GFLOP/token, MFU (accelerators only) against "
+              f"the matmul rate measured in this process in the step's compute dtype; "
+              f"params {report['step_speed']['params']})")
 
     if args.activation_memory:
         act = {}
