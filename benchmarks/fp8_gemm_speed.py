@@ -104,7 +104,8 @@ def bench_dense(m: int, k: int, n: int, device: torch.device, backend, time_fn, 
     row["fp8_gemm_rel_err_vs_fp32"] = _rel(backend.gemm(aq, wq, torch.float32), a32 @ w32.t())
     row["bf16_rel_err_vs_fp32"] = _rel((a @ w.t()).float(), a32 @ w32.t())
     # Default path (fused into one compiled kernel on CUDA; compiled outside the timing) and the eager one.
-    for name, fn, x in (("act", quantize_activation, a), ("weight", quantize_weight, w), ("wgrad", quantize_for_wgrad, a)):
+    quantizers = (("act", quantize_activation, a), ("weight", quantize_weight, w), ("wgrad", quantize_for_wgrad, a))
+    for name, fn, x in quantizers:
         fn(x)
         row[f"quantize_{name}_s"] = time_fn(lambda: fn(x), iters)
     row["quantize_act_eager_s"] = time_fn(lambda: quantize_tiles(a, (1, 128), fused=False), iters)

@@ -142,7 +142,7 @@ def quantize_tiles(
     ``fused`` runs the same arithmetic as one Triton kernel (`frugalm.fp8.quantize_triton`, identical codes
     and scales) instead of ~8 eager passes over the tensor; None (default) fuses on CUDA where Triton is
     installed, since there the eager passes cost more than the FP8 GEMM they feed (H100: 0.30 ms eager for
-    a 4096x4096 BF16 activation vs 0.16 ms for the 4096^3 GEMM; BENCHMARKS.md, "FP8 on an H100").
+    a 4096x4096 BF16 activation vs 0.16 ms for the 4096^3 GEMM; BENCHMARKS.md, "GPU figures").
     """
     if x.dim() < 2:
         raise ValueError(f"quantize_tiles needs at least 2 dimensions, got shape {tuple(x.shape)}")

@@ -1,16 +1,18 @@
 """`quantize_tiles` as one Triton kernel: each program reads a block of the input once and writes its E4M3
 codes and tile scales, instead of the ~8 eager passes (upcast, pad, abs, max, divide, clamp, cast) that
-cost more than the FP8 GEMM they feed on an H100 (BENCHMARKS.md, "FP8 on an H100").
+cost more than the FP8 GEMM they feed on an H100 (BENCHMARKS.md, "GPU figures (one H100)").
 
 Same arithmetic as the eager path, element for element: max-abs per tile, ``scale = amax / 448`` (1 for an
 all-zero tile, at least the smallest normal float, optionally rounded up to a power of two by bit
-arithmetic), ``clamp(x / scale, +-448)`` with a correctly rounded division, rounded to E4M3 (nearest, ties to even)
-in fp32 arithmetic and encoded by integer arithmetic; a non-finite input poisons its tile. The three recipe tilings map to blocks of
-whole tiles: 1x128 -> 32 rows x 128 columns, 128x1 -> 128 rows x 64 columns, 128x128 -> one tile.
-Edge tiles are masked loads (zeros do not change a max-abs). Leading dimensions are separate matrices.
+arithmetic), ``clamp(x / scale, +-448)`` with a correctly rounded division, rounded to E4M3 (nearest,
+ties to even) in fp32 arithmetic and encoded by integer arithmetic; a non-finite input poisons its tile.
+The three recipe tilings map to blocks of whole tiles: 1x128 -> 32 rows x 128 columns, 128x1 -> 128 rows
+x 64 columns, 128x128 -> one tile. Edge tiles are masked loads (zeros do not change a max-abs). Leading
+dimensions are separate matrices.
 
-Import only where Triton is installed (`frugalm.fp8.quantize` checks, and which tiles fit); runs on CUDA, and on the CPU under
-Triton's interpreter (``TRITON_INTERPRET=1``), which is how the tests check it without a GPU.
+Import only where Triton is installed (`frugalm.fp8.quantize` checks that, and which tiles fit); runs on
+CUDA, and on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``), which is how the tests check it
+without a GPU.
 """
 
 from __future__ import annotations
