@@ -123,6 +123,9 @@ def test_r1_pipeline_end_to_end(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert report["stages_test"]["grpo"]["pass_at_k"] is None and report["stages_test"]["grpo"]["n"] == 4
     assert "pass@k is not measured" in report["verdict"]["test"]["summary"]
     assert report["seconds"]["grpo"] > 0
+    # the recipe's response prefix: every evaluated response starts with the pre-filled <think>
+    assert report["config"]["task"]["response_prefix"] == "<think>"
+    assert all(s["completion"].startswith("<think>") for d in ("sft", "grpo") for s in report["stages"][d]["samples"])
     assert report["task"] == {"name": "sort", "min_size": 2, "max_size": 3, "heldout_size": 5, "max_value": 9,
                               "notation": "marks"}
     assert report["grpo_task"] == {**report["task"], "min_size": 3, "max_size": 4}
@@ -171,15 +174,17 @@ def test_r1_starts_from_its_embedded_recipe(tmp_path):
 
     c = cfg()
     assert (c.task.name, c.task.notation, c.task.max_size, c.task.heldout_size) == ("sort", "marks", 6, 8)
+    assert c.task.response_prefix == "<think>"  # stated in the recipe, not pre-filled by the template
     assert (c.r1.grpo_min_size, c.r1.grpo_max_size, c.grpo.dynamic_sampling) == (None, 7, True)
     assert c.grpo.group_size == 8  # not in the recipe: the dataclass default
     f = tmp_path / "mine.toml"
-    f.write_text("[task]\nheldout_size = 9\n[grpo]\nlr = 5e-4\n")
+    f.write_text("[task]\nheldout_size = 9\n[grpo]\nlr = 8e-4\n")
     c = cfg("grpo.max_steps=5", config=f)
-    assert (c.task.name, c.task.heldout_size, c.grpo.lr, c.grpo.min_lr, c.grpo.max_steps) == ("sort", 9, 5e-4, 3e-4, 5)
+    assert (c.task.name, c.task.heldout_size, c.grpo.lr, c.grpo.min_lr, c.grpo.max_steps) == ("sort", 9, 8e-4, 6e-4, 5)
     c = cfg(task="addition")
     assert (c.task.name, c.task.notation, c.task.max_size, c.r1.grpo_max_size) == ("addition", None, None, None)
-    assert c.sft.max_steps == 500  # the rest of the recipe still applies
+    assert c.task.response_prefix == "<think>"  # the response contract is kept with another task
+    assert c.sft.max_steps == 300  # the rest of the recipe still applies
 
 
 def test_r1_verdict_tells_ability_sharpening_noise_and_loss(tmp_path):

@@ -137,3 +137,14 @@ def test_one_engine_run_for_several_jobs_equals_separate_runs(tiny_model_dir):
     as_ids = lambda out: [[s.token_ids for s in group] for group in out]  # noqa: E731
     assert [as_ids(o) for o in together] == [as_ids(o) for o in apart]
     assert [len(g) for g in together[1]] == [3, 3, 3] and all(len(s.token_ids) <= 5 for g in together[1] for s in g)
+
+
+def test_evaluation_reads_the_whole_response_with_a_prefix(tiny_model_dir):
+    """A pre-filled ``<think>`` ends every prompt and is part of every evaluated completion."""
+    policy = load_policy(tiny_model_dir, device="cpu")
+    cfg = _cfg(**{"task.response_prefix": '"<think>"'})
+    r = evaluate_task(policy, TASK, split="test", n=3, k=1, max_tokens=6, instruction=cfg.task.instruction,
+                      response_prefix=cfg.task.response_prefix)
+    plain = evaluate_task(policy, TASK, split="test", n=3, k=1, max_tokens=6, instruction=cfg.task.instruction)
+    assert len(r.samples) == 3 and all(s["completion"].startswith("<think>") for s in r.samples)
+    assert not any(s["completion"].startswith("<think>") for s in plain.samples)  # a random model never opens it

@@ -67,6 +67,30 @@ def test_prompt_prefills_nothing(tokenizer_dir):
     assert tok.decode(ids).endswith("<|eos|><|assistant|>")
 
 
+def test_a_response_prefix_is_prefilled_only_when_configured(tokenizer_dir):
+    """``[task] response_prefix = "<think>"`` ends the prompt with the tag (one visible setting), readers put
+    it back in front of the generated text, and the format check still judges the whole response."""
+    from frugalm.config import ConfigError
+    from frugalm.data.tokenizer import load_tokenizer
+    from frugalm.reason.config import TaskConfig, load_reason_config
+    from frugalm.reason.response_format import full_response, strip_response_prefix
+
+    tok = load_tokenizer(tokenizer_dir)
+    plain = build_prompt_ids(tok, "1+2=?")
+    ids = build_prompt_ids(tok, "1+2=?", response_prefix="<think>")
+    assert ids[:len(plain)] == plain and tok.decode(ids[len(plain):]) == "<think>"
+    generated = "1+2=3</think><answer>3</answer>"
+    assert not format_ok(generated) and format_ok(full_response("<think>", generated))
+    assert not format_ok(full_response("<think>", "<think>" + generated))  # a second <think> is malformed
+    assert strip_response_prefix("<think>", render_response("x", "3")) == "x</think><answer>3</answer>"
+    with pytest.raises(ValueError, match="does not start with the response prefix '<think>'"):
+        strip_response_prefix("<think>", "<answer>3</answer>")
+    assert TaskConfig().response_prefix == ""  # nothing is pre-filled by default
+    assert load_reason_config(None, ['task.response_prefix="<think>"']).task.response_prefix == "<think>"
+    with pytest.raises(ConfigError, match=r"invalid \[task\] config: response_prefix must be one of \['', '<think>'\]"):
+        load_reason_config(None, ['task.response_prefix="<answer>"'])
+
+
 def test_accuracy_and_format_rewards_on_malformed_output():
     task = AdditionTask()
     comps = ["<think>1+2=3</think><answer>3</answer>", "<think>?</think><answer>4</answer>", "3",

@@ -110,3 +110,24 @@ def test_existing_run_is_not_overwritten_silently(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="--resume.*--overwrite"):
         GRPOTrainer(load_policy(tiny_model_dir, device="cpu"), TASK, cfg, tmp_path / "run",
                     reward_funcs={"digits": digit_share}, progress=False)
+
+
+def test_a_response_prefix_is_in_every_prompt_and_in_every_scored_response(tiny_model_dir, tmp_path):
+    """With ``[task] response_prefix = "<think>"`` GRPO's prompts end with the tag and the rewards score
+    the whole response (prefix + generated), so the format reward judges what the model must produce."""
+    from frugalm.reason.config import TaskConfig
+
+    seen: list[str] = []
+
+    def record(prompts, completions, completion_ids, **columns):
+        seen.extend(completions)
+        return [0.0] * len(completions)
+
+    policy = load_policy(tiny_model_dir, device="cpu")
+    think = policy.tokenizer.encode("<think>", add_special_tokens=False)
+    trainer = GRPOTrainer(policy, TASK, _cfg(max_steps=1, checkpoint_every=0), tmp_path / "run",
+                          task_cfg=TaskConfig(max_size=2, heldout_size=3, response_prefix="<think>"),
+                          reward_funcs={"record": record}, progress=False)
+    assert all(ids[-len(think):] == think for ids in trainer.pool_ids)
+    trainer.train()
+    assert len(seen) == 16 and all(c.startswith("<think>") for c in seen)

@@ -24,6 +24,19 @@ def test_tokenized_pair_is_the_chat_template(tokenizer_dir):
     assert ex.response_ids[-1] == tok.eos_id
 
 
+def test_a_response_prefix_moves_from_the_target_into_the_prompt(tokenizer_dir):
+    """With ``response_prefix = "<think>"`` the token sequence is the same as without it; only the prefix's
+    tokens move from the trained-on response into the prompt, exactly as generation will see them."""
+    tok = load_tokenizer(tokenizer_dir)
+    response = "<think>2+4=6, 1+3=4</think><answer>46</answer>"
+    plain = tokenize_pair(tok, "12+34=?", response, DEFAULT_INSTRUCTION)
+    pre = tokenize_pair(tok, "12+34=?", response, DEFAULT_INSTRUCTION, "<think>")
+    assert pre.prompt_ids + pre.response_ids == plain.prompt_ids + plain.response_ids
+    assert len(pre.prompt_ids) == len(plain.prompt_ids) + 1 and tok.decode(list(pre.prompt_ids[-1:])) == "<think>"
+    with pytest.raises(ValueError, match="does not start with the response prefix"):
+        tokenize_pair(tok, "12+34=?", "<answer>46</answer>", DEFAULT_INSTRUCTION, "<think>")
+
+
 def test_loss_mask_survives_the_trainers_batch_format():
     a = SFTExample(prompt_ids=(0, 10, 11), response_ids=(20, 21, 1))
     b = SFTExample(prompt_ids=(0, 12), response_ids=(22, 1))

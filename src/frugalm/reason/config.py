@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from frugalm.config import ConfigError, apply_overrides, dump_toml, from_dict, load_toml, to_dict
-from frugalm.reason.response_format import DEFAULT_INSTRUCTION
+from frugalm.reason.response_format import DEFAULT_INSTRUCTION, check_response_prefix
 
 REWARD_NAMES = ("accuracy", "format", "overlong")
 
@@ -77,8 +77,17 @@ class TaskConfig:
     checker: Optional[str] = None
     # Appended to every question; the contract it states lives in frugalm.reason.response_format.
     instruction: str = DEFAULT_INSTRUCTION
+    # Pre-filled start of every assistant response: "" (nothing; the model opens <think> itself) or
+    # "<think>" (appended to every prompt after the chat template's generation prompt, as R1's later
+    # template does). SFT, GRPO, evaluation and distillation all use it, and rewards and the format check
+    # see the whole response, prefix included (frugalm.reason.response_format).
+    response_prefix: str = ""
     # Which problems are drawn (independent of the training seed).
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        problem = check_response_prefix(self.response_prefix)
+        _problems_to_error("task", [problem] if problem else [])
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 from frugalm.config import ConfigError
 from frugalm.reason.config import DistillConfig, TaskConfig
 from frugalm.reason.policy import Policy, checkpoint_kind, load_tokenizer_for
-from frugalm.reason.response_format import build_prompt_ids, extract_answer, format_ok
+from frugalm.reason.response_format import build_prompt_ids, extract_answer, format_ok, full_response
 from frugalm.reason.rollout import SamplingSettings, generate
 from frugalm.reason.tasks.base import Task, TaskError
 from frugalm.reason.tasks.user_tasks import read_jsonl
@@ -54,10 +54,14 @@ def verified(task: Task, row: dict[str, Any], completion: str, require_format: b
 
 
 def rejection_sample(teacher: Policy, task: Task, cfg: DistillConfig, task_cfg: TaskConfig) -> tuple[list[Trace], TraceStats]:
-    """k teacher samples per training problem; keep up to `max_per_prompt` distinct verified ones."""
+    """k teacher samples per training problem; keep up to `max_per_prompt` distinct verified ones.
+
+    The teacher's prompts end with ``[task] response_prefix``; traces hold whole responses (prefix included),
+    so a trace file reads the same whichever prefix produced it."""
     t0 = time.perf_counter()
     examples = task.examples("train", cfg.num_prompts, task_cfg.seed)
-    prompts = [build_prompt_ids(teacher.tokenizer, ex.prompt, task_cfg.instruction) for ex in examples]
+    prompts = [build_prompt_ids(teacher.tokenizer, ex.prompt, task_cfg.instruction, task_cfg.response_prefix)
+               for ex in examples]
     groups = generate(teacher, prompts, SamplingSettings(
         n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
         max_tokens=cfg.max_completion_length, seed=cfg.seed), max_num_seqs=cfg.generation_batch_size)
@@ -67,13 +71,14 @@ def rejection_sample(teacher: Policy, task: Task, cfg: DistillConfig, task_cfg: 
         seen: set[str] = set()
         row = ex.row()
         for s in group:
-            if s.truncated or not verified(task, row, s.text, cfg.require_format):
+            text = full_response(task_cfg.response_prefix, s.text)
+            if s.truncated or not verified(task, row, text, cfg.require_format):
                 continue
             n_verified += 1
-            if s.text in seen or len(seen) >= cfg.max_per_prompt:
+            if text in seen or len(seen) >= cfg.max_per_prompt:
                 continue
-            seen.add(s.text)
-            traces.append(Trace(prompt=ex.prompt, completion=s.text, answer=ex.answer))
+            seen.add(text)
+            traces.append(Trace(prompt=ex.prompt, completion=text, answer=ex.answer))
         with_trace += bool(seen)
     stats = TraceStats(prompts=len(examples), samples=len(examples) * cfg.samples_per_prompt, verified=n_verified,
                        kept=len(traces), prompts_with_a_trace=with_trace, seconds=time.perf_counter() - t0)

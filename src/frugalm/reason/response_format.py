@@ -1,10 +1,16 @@
 """What a reasoning completion must look like, stated once: ``<think>…</think><answer>…</answer>`` then EOS.
 
 Everything that produces or reads completions uses this module: the SFT targets (`render_response`),
-the prompt (`build_prompt_ids`, which appends nothing after the chat template's generation prompt, so
-the model itself must open ``<think>``: R1 templates that pre-fill it break format rewards, see
-DeepSeek-R1#352), the rewards (`extract_answer`, `format_ok`) and evaluation. Changing the contract
-means changing this file only.
+the prompt (`build_prompt_ids`), the rewards (`extract_answer`, `format_ok`) and evaluation. Changing
+the contract means changing this file only.
+
+The response prefix (``[task] response_prefix``, default empty) is the one thing that may be pre-filled,
+and only when the config says so: it is appended to the prompt after the chat template's generation
+prompt (so the model continues from it), SFT trains on the response without it (`strip_response_prefix`),
+and every reader puts it back (`full_response`) so rewards, the format check and evaluation judge the
+whole response, prefix included. R1's later template forces ``<think>\n`` the same way; a template that
+pre-fills it *silently* breaks format rewards (DeepSeek-R1#352), which is why here it is a visible
+config field used identically by SFT, GRPO, evaluation and distillation.
 """
 
 from __future__ import annotations
@@ -29,21 +35,49 @@ _FORMAT_RE = re.compile(
 _TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
 
+# The values `[task] response_prefix` accepts: nothing (the model opens <think> itself) or the opening tag.
+RESPONSE_PREFIXES = ("", THINK_OPEN)
+
+
+def check_response_prefix(prefix: str) -> Optional[str]:
+    """None if `prefix` is an allowed response prefix, else the reason it is not."""
+    if prefix not in RESPONSE_PREFIXES:
+        return (f"response_prefix must be one of {list(RESPONSE_PREFIXES)} (got {prefix!r}): it is pre-filled after the "
+                f"chat template's generation prompt, and every response must start with {THINK_OPEN}")
+    return None
+
+
+def full_response(response_prefix: str, generated: str) -> str:
+    """The whole assistant response: the pre-filled prefix, then what the model generated after it."""
+    return response_prefix + generated
+
+
+def strip_response_prefix(response_prefix: str, response: str) -> str:
+    """The part of a whole response the model generates itself (the SFT target); the response must start
+    with the prefix, since the prompt already holds it."""
+    if not response.startswith(response_prefix):
+        raise ValueError(f"response {response[:40]!r} does not start with the response prefix {response_prefix!r} "
+                         "that the prompt pre-fills (set [task] response_prefix = \"\" for responses without it)")
+    return response[len(response_prefix):]
+
+
 def render_response(reasoning: str, answer: str) -> str:
     """The assistant text a perfect completion contains (EOS is added by the chat template / sampler)."""
     return f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
 
 
-def check_completion_budget(tokenizer: Any, examples: Sequence[Any], max_tokens: int, setting: str, split: str) -> None:
+def check_completion_budget(tokenizer: Any, examples: Sequence[Any], max_tokens: int, setting: str, split: str,
+                            response_prefix: str = "") -> None:
     """Refuse a completion budget shorter than the task's own reference completions.
 
     A perfect completion cut off at `max_tokens` has no ``</answer>`` and fails the checker, so a budget
     below the reference length silently caps pass@1 (and GRPO's reward) below 100%; this is the mistake
     of switching to a task with longer traces and keeping the old budget. Examples are the task's
-    (prompt, reasoning, answer) rows; the count includes EOS, as generation does.
+    (prompt, reasoning, answer) rows; the count includes EOS, as generation does, and leaves out the
+    pre-filled `response_prefix`, which the model does not generate.
     """
-    lengths = [len(tokenizer.encode(render_response(ex.reasoning or "", ex.answer), add_special_tokens=False)) + 1
-               for ex in examples]
+    lengths = [len(tokenizer.encode(strip_response_prefix(response_prefix, render_response(ex.reasoning or "", ex.answer)),
+                                    add_special_tokens=False)) + 1 for ex in examples]
     longest = max(lengths, default=0)
     if longest > max_tokens:
         raise ConfigError(f"{setting} = {max_tokens} is shorter than the task's reference completions on the "
@@ -88,14 +122,18 @@ def _template_split(tokenizer: Any) -> Optional[tuple[str, str]]:
     return _TEMPLATE_SPLITS[key]
 
 
-def build_prompt_ids(tokenizer: Any, question: str, instruction: str = DEFAULT_INSTRUCTION) -> list[int]:
-    """Token ids of the prompt: the chat template with the generation prompt and nothing after it."""
+def build_prompt_ids(tokenizer: Any, question: str, instruction: str = DEFAULT_INSTRUCTION,
+                     response_prefix: str = "") -> list[int]:
+    """Token ids of the prompt: the chat template with the generation prompt, then `response_prefix`
+    (``[task] response_prefix``; empty by default, so nothing is pre-filled)."""
     split = _template_split(tokenizer)
     if split is None:
-        return list(tokenizer.apply_chat_template(build_messages(question, instruction), add_generation_prompt=True,
-                                                  tokenize=True))
+        ids = list(tokenizer.apply_chat_template(build_messages(question, instruction), add_generation_prompt=True,
+                                                 tokenize=True))
+        return ids + (list(tokenizer.encode(response_prefix, add_special_tokens=False)) if response_prefix else [])
     prefix, suffix = split
-    return list(tokenizer.encode(prefix + user_message(question, instruction) + suffix, add_special_tokens=False))
+    return list(tokenizer.encode(prefix + user_message(question, instruction) + suffix + response_prefix,
+                                 add_special_tokens=False))
 
 
 def _boxed_contents(text: str) -> list[str]:

@@ -49,8 +49,8 @@ def task_pairs(task: Task, split: str, n: int, seed: int) -> list[tuple[str, str
 
 
 def build_sft_data(tokenizer: Any, train_pairs: Sequence[tuple[str, str]], val_pairs: Sequence[tuple[str, str]],
-                   sft: SFTConfig, instruction: str, source: str = "sft") -> SFTData:
-    tok = lambda pairs: [tokenize_pair(tokenizer, q, r, instruction) for q, r in pairs]  # noqa: E731
+                   sft: SFTConfig, instruction: str, source: str = "sft", response_prefix: str = "") -> SFTData:
+    tok = lambda pairs: [tokenize_pair(tokenizer, q, r, instruction, response_prefix) for q, r in pairs]  # noqa: E731
     return SFTData(tokenizer, tok(train_pairs), tok(val_pairs), sft.seq_len, packing=sft.packing,
                    completion_only=sft.completion_only_loss, source=source)
 

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from frugalm.reason.response_format import build_prompt_ids
+from frugalm.reason.response_format import build_prompt_ids, strip_response_prefix
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,14 @@ class SFTExample:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def tokenize_pair(tokenizer: Any, question: str, response: str, instruction: str) -> SFTExample:
-    """The chat-formatted prompt and the assistant response (plus EOS, as the chat template ends a turn)."""
-    prompt = build_prompt_ids(tokenizer, question, instruction)
+def tokenize_pair(tokenizer: Any, question: str, response: str, instruction: str,
+                  response_prefix: str = "") -> SFTExample:
+    """The chat-formatted prompt and the assistant response (plus EOS, as the chat template ends a turn).
+
+    `response` is the whole response; with a `response_prefix` the prompt ends with that prefix and the
+    trained-on response is the rest, exactly what generation sees and produces."""
+    prompt = build_prompt_ids(tokenizer, question, instruction, response_prefix)
+    response = strip_response_prefix(response_prefix, response)
     response_ids = list(tokenizer.encode(response, add_special_tokens=False)) + [tokenizer.eos_id]
     return SFTExample(tuple(prompt), tuple(response_ids))
 

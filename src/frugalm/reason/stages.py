@@ -35,10 +35,16 @@ def _val_pairs(task: Task, n: int, seed: int) -> list[tuple[str, str]]:
 def sft_on_pairs(model_dir: str | Path, pairs: list[tuple[str, str]], val: list[tuple[str, str]], sft: SFTConfig,
                  instruction: str, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
                  progress: Optional[bool] = None, handle_signals: bool = False, stop_after: Optional[int] = None,
-                 export_to: Optional[str | Path] = None, source: str = "sft") -> dict[str, Any]:
-    """SFT any supported checkpoint on (question, response) pairs; frugalm models use frugalm's trainer."""
+                 export_to: Optional[str | Path] = None, source: str = "sft",
+                 response_prefix: str = "", data: Any = None) -> dict[str, Any]:
+    """SFT any supported checkpoint on (question, whole response) pairs; frugalm models use frugalm's trainer.
+
+    With a `response_prefix` the prompts end with it and the loss covers the rest of each response.
+    `data`: these pairs already tokenized by `build_sft_data` with the same settings (a caller that runs
+    SFT in chunks builds it once)."""
     tokenizer = load_tokenizer_for(model_dir)
-    data = build_sft_data(tokenizer, pairs, val, sft, instruction, source=source)
+    if data is None:
+        data = build_sft_data(tokenizer, pairs, val, sft, instruction, source=source, response_prefix=response_prefix)
     if checkpoint_kind(model_dir) == "frugalm":
         summary = run_sft(model_dir, out_dir, data, sft, resume=resume, overwrite=overwrite, progress=progress,
                           handle_signals=handle_signals, stop_after=stop_after, export_to=export_to)
@@ -61,7 +67,7 @@ def sft_stage(model_dir: str | Path, task: Task, cfg: ReasonConfig, out_dir: str
     seed = cfg.task.seed
     pairs = task_pairs(task, "train", cfg.sft.num_examples, seed)
     return sft_on_pairs(model_dir, pairs, _val_pairs(task, cfg.sft.val_examples, seed), cfg.sft,
-                        cfg.task.instruction, out_dir, **kw)
+                        cfg.task.instruction, out_dir, response_prefix=cfg.task.response_prefix, **kw)
 
 
 def grpo_stage(model_dir: str | Path, task: Task, cfg: ReasonConfig, out_dir: str | Path, *,
@@ -101,7 +107,8 @@ def distill_stage(task: Optional[Task], cfg: ReasonConfig, out_dir: str | Path, 
 
             torch.set_num_threads(d.num_threads)
         check_completion_budget(load_tokenizer_for(teacher), task.examples("train", d.num_prompts, cfg.task.seed),
-                                d.max_completion_length, "distill.max_completion_length", "train")
+                                d.max_completion_length, "distill.max_completion_length", "train",
+                                cfg.task.response_prefix)
         teacher_policy = load_policy(teacher, device=d.device, dtype=d.dtype)
         traces, stats = rejection_sample(teacher_policy, task, d, cfg.task)
         del teacher_policy
@@ -120,7 +127,7 @@ def distill_stage(task: Optional[Task], cfg: ReasonConfig, out_dir: str | Path, 
     val = _val_pairs(task, d.sft.val_examples, cfg.task.seed) if task is not None else []
     summary = sft_on_pairs(student, pairs, val, d.sft, cfg.task.instruction, out / "sft", resume=resume,
                            overwrite=overwrite, progress=progress, handle_signals=handle_signals,
-                           export_to=export_to, source="distill")
+                           export_to=export_to, source="distill", response_prefix=cfg.task.response_prefix)
     summary["traces"] = stats.to_dict()
     summary["traces_file"] = str(traces_file)
     summary["student_kind"] = student_kind(student)
@@ -136,9 +143,10 @@ def eval_stage(model_dir: str | Path, task: Task, cfg: ReasonConfig, *, split: O
         torch.set_num_threads(e.num_threads)
     split = split or e.split
     check_completion_budget(load_tokenizer_for(model_dir), task.examples(split, n or e.n, cfg.task.seed),
-                            e.max_completion_length, "eval.max_completion_length", split)
+                            e.max_completion_length, "eval.max_completion_length", split, cfg.task.response_prefix)
     policy = load_policy(model_dir, device=e.device, dtype=e.dtype, with_mtp=False)
     return evaluate_task(policy, task, split=split, n=n or e.n, k=e.k if k is None else k,
                          temperature=e.temperature, top_p=e.top_p, top_k=e.top_k, max_tokens=e.max_completion_length,
-                         instruction=cfg.task.instruction, task_seed=cfg.task.seed,
+                         instruction=cfg.task.instruction, response_prefix=cfg.task.response_prefix,
+                         task_seed=cfg.task.seed,
                          seed=e.seed if seed is None else seed, max_num_seqs=e.generation_batch_size)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 def add_config_args(parser: argparse.ArgumentParser, *, task: bool = True, recipe: Optional[str] = None) -> None:
     on_top = (f" on top of the embedded {recipe} recipe (frugalm/reason/recipes/{recipe}.toml; --task naming "
-              "another task drops the recipe's task sizes)") if recipe else ""
+              "another task drops the recipe's task sizes and notation)") if recipe else ""
     parser.add_argument("--config", metavar="FILE",
                         help=f"TOML with [task] [sft] [grpo] [distill] [eval] [r1] sections (all optional){on_top}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -42,8 +42,11 @@ def load_config(args: argparse.Namespace, recipe: Optional[str] = None) -> Any:
     if getattr(args, "task", None):
         overrides.append(f"task.name={json.dumps(args.task)}")
         if base and base.get("task", {}).get("name") != args.task:
-            # the recipe's sizes and notation belong to its own task: another task starts from its defaults
-            base.pop("task", None)
+            # the recipe's sizes and notation belong to its own task: another task starts from its defaults,
+            # keeping the recipe's response contract (instruction, response_prefix), which is not the task's
+            kept = {k: v for k, v in base.pop("task", {}).items() if k in ("instruction", "response_prefix")}
+            if kept:
+                base["task"] = kept
             for key in ("grpo_min_size", "grpo_max_size"):
                 base.get("r1", {}).pop(key, None)
     return load_reason_config(args.config, overrides, base=base)

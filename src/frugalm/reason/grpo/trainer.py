@@ -36,7 +36,7 @@ from frugalm.reason.config import GRPOConfig, TaskConfig
 from frugalm.reason.grpo.advantages import group_advantages
 from frugalm.reason.grpo.loss import grpo_loss, token_logprobs, token_logprobs_and_entropy
 from frugalm.reason.policy import Policy, frozen_copy
-from frugalm.reason.response_format import build_prompt_ids, check_completion_budget, extract_answer
+from frugalm.reason.response_format import build_prompt_ids, check_completion_budget, extract_answer, full_response
 from frugalm.reason.rewards import RewardFunc, RewardModel, build_reward_model
 from frugalm.reason.rollout import Sample, SamplingSettings, generate, greedy
 from frugalm.reason.signals import graceful_stop
@@ -186,6 +186,8 @@ class GRPOTrainer:
             torch.set_num_threads(cfg.num_threads)
         tok = policy.tokenizer
         self.instruction = self.task_cfg.instruction
+        # Pre-filled after the generation prompt; rewards and evaluation see prefix + generated text.
+        self.response_prefix = self.task_cfg.response_prefix
 
         # Prompts: the pool is fixed by [task] seed and grpo.train_size; the stream's order by grpo.seed.
         pool = task.examples("train", cfg.train_size, self.task_cfg.seed)
@@ -193,14 +195,16 @@ class GRPOTrainer:
             raise ConfigError(f"the task has {len(pool)} training prompts, fewer than the {cfg.prompts_per_step} "
                               f"prompts one step needs (batch_size / group_size)")
         self.pool: list[Example] = pool
-        self.pool_ids = [build_prompt_ids(tok, ex.prompt, self.instruction) for ex in pool]
+        self.pool_ids = [build_prompt_ids(tok, ex.prompt, self.instruction, self.response_prefix) for ex in pool]
         self.stream = PromptStream(len(pool), cfg.seed)
         self.eval_examples = task.examples(cfg.eval_split, cfg.eval_size, self.task_cfg.seed) if cfg.eval_every else []
-        self.eval_ids = [build_prompt_ids(tok, ex.prompt, self.instruction) for ex in self.eval_examples]
+        self.eval_ids = [build_prompt_ids(tok, ex.prompt, self.instruction, self.response_prefix)
+                         for ex in self.eval_examples]
         if "accuracy" in cfg.reward_funcs:  # custom rewards may score cut-off completions on purpose
-            check_completion_budget(tok, pool, cfg.max_completion_length, "grpo.max_completion_length", "train")
+            check_completion_budget(tok, pool, cfg.max_completion_length, "grpo.max_completion_length", "train",
+                                    self.response_prefix)
         check_completion_budget(tok, self.eval_examples, cfg.max_completion_length, "grpo.max_completion_length",
-                                cfg.eval_split)
+                                cfg.eval_split, self.response_prefix)
         context = int(getattr(policy.model.config, "max_position_embeddings", 10**9))
         longest = max(len(p) for p in self.pool_ids + self.eval_ids)
         if longest + cfg.max_completion_length > context:
@@ -291,7 +295,8 @@ class GRPOTrainer:
         columns: dict[str, list[Any]] = {k: [r.get(k) for r in rows] for k in keys}
         columns["completion_ids"] = [s.token_ids for s in flat]
         columns["truncated"] = [s.truncated for s in flat]
-        result = self.rewards.score([r["prompt"] for r in rows], [s.text for s in flat], **columns)
+        result = self.rewards.score([r["prompt"] for r in rows],
+                                    [full_response(self.response_prefix, s.text) for s in flat], **columns)
         return torch.tensor(result.total, dtype=torch.float64), result.per_func
 
     @torch.no_grad()
@@ -440,7 +445,8 @@ class GRPOTrainer:
             return float("nan")
         outs = greedy(self.policy, self.eval_ids, self.cfg.max_completion_length,
                       max_num_seqs=self.cfg.generation_batch_size)
-        ok = [self.task.check(extract_answer(s.text), ex.row()) for s, ex in zip(outs, self.eval_examples)]
+        ok = [self.task.check(extract_answer(full_response(self.response_prefix, s.text)), ex.row())
+              for s, ex in zip(outs, self.eval_examples)]
         return sum(ok) / len(ok)
 
     # ------------------------------------------------------------------ the loop
