@@ -99,6 +99,35 @@ def test_distill_into_fresh_smaller_frugalm_student(tiny_model_dir, tmp_path):
     assert (tmp_path / "run" / "traces.jsonl").is_file()
 
 
+def test_student_from_the_teachers_first_layers(tiny_model_dir, tmp_path):
+    """student_init = "teacher_layers": the student starts as the teacher's embedding, first layers, norm and head
+    (weights copied exactly), then is SFT'd like any student; other shape overrides are refused."""
+    import pytest
+    import torch
+
+    from frugalm.config import ConfigError
+    from frugalm.model.checkpoint import from_pretrained
+    from frugalm.reason.distill import init_student_from_teacher
+
+    cfg = _cfg(**{"distill.student_init": "'teacher_layers'"})
+    init = init_student_from_teacher(cfg.distill, tiny_model_dir, tmp_path / "init")
+    teacher, student = from_pretrained(tiny_model_dir).state_dict(), from_pretrained(init).state_dict()
+    assert from_pretrained(init).config.num_hidden_layers == 2 < from_pretrained(tiny_model_dir).config.num_hidden_layers
+    assert student and all(torch.equal(v, teacher[k]) for k, v in student.items())
+    assert not any(k.startswith("model.layers.2.") for k in student)
+    path = write_traces(tmp_path / "in.jsonl", _traces())
+    out = distill_stage(TASK, cfg, tmp_path / "run", teacher=tiny_model_dir, traces_path=path, progress=False,
+                        export_to=tmp_path / "student")
+    assert out["student_kind"] == "frugalm"
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["num_hidden_layers"] == 2
+    with pytest.raises(ConfigError, match="keeps the teacher's shape"):
+        _cfg(**{"distill.student_init": "'teacher_layers'", "distill.student_overrides": "{hidden_size = 32}"})
+    with pytest.raises(ConfigError, match="layers to keep from"):
+        init_student_from_teacher(_cfg(**{"distill.student_init": "'teacher_layers'",
+                                          "distill.student_overrides": "{num_hidden_layers = 9}"}).distill,
+                                  tiny_model_dir, tmp_path / "bad")
+
+
 def test_distill_into_a_transformers_student(tiny_llama_dir, tmp_path):
     path = write_traces(tmp_path / "in.jsonl", _traces())
     out = distill_stage(TASK, _cfg(), tmp_path / "run", student=tiny_llama_dir, traces_path=path, progress=False,

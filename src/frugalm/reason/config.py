@@ -242,6 +242,10 @@ class DistillConfig:
     student_config: Optional[str] = None  # None: the embedded "tiny" config
     # Default: tiny's width with 2 of its 4 layers and no MTP module (about half the parameters).
     student_overrides: dict = field(default_factory=lambda: {"num_hidden_layers": 2, "num_nextn_predict_layers": 0})
+    # How a fresh student starts: "random" weights of student_config, or "teacher_layers": the teacher's
+    # embedding, its first `student_overrides["num_hidden_layers"]` decoder layers, final norm and head
+    # (layer dropping; a frugalm teacher, and no other override than the layer counts).
+    student_init: Literal["random", "teacher_layers"] = "random"
     seed: int = 0
     device: str = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -253,6 +257,13 @@ class DistillConfig:
         _check_counts(problems, self, positive=("num_prompts", "samples_per_prompt", "max_per_prompt",
                                                 "generation_batch_size"))
         _check_sampling(problems, self.temperature, self.top_p, self.top_k, self.max_completion_length)
+        if self.student_init not in ("random", "teacher_layers"):
+            problems.append(f"student_init must be 'random' or 'teacher_layers', got {self.student_init!r}")
+        elif self.student_init == "teacher_layers":
+            extra = sorted(set(self.student_overrides) - {"num_hidden_layers", "num_nextn_predict_layers"})
+            if extra:
+                problems.append(f"student_init = 'teacher_layers' keeps the teacher's shape; student_overrides may "
+                                f"only set num_hidden_layers / num_nextn_predict_layers, not {extra}")
         _problems_to_error("distill", problems)
 
 

@@ -12,7 +12,8 @@ from typing import Any, Callable, Mapping, Optional
 
 from frugalm.reason.config import ReasonConfig, SFTConfig
 from frugalm.reason.distill import (
-    TRACES_FILE, init_fresh_student, read_traces, rejection_sample, student_kind, write_traces,
+    TRACES_FILE, init_fresh_student, init_student_from_teacher, read_traces, rejection_sample, student_kind,
+    write_traces,
 )
 from frugalm.reason.evaluate import EvalResult, evaluate_task
 from frugalm.reason.policy import checkpoint_kind, load_policy, load_tokenizer_for
@@ -121,7 +122,10 @@ def distill_stage(task: Optional[Task], cfg: ReasonConfig, out_dir: str | Path, 
             raise ValueError("a fresh student needs the teacher's tokenizer: give --student DIR or --teacher DIR")
         init = out / "student-init"
         if not (resume and (init / "config.json").is_file()):
-            init_fresh_student(d, load_tokenizer_for(teacher), init, max_len=d.sft.seq_len)
+            if d.student_init == "teacher_layers":
+                init_student_from_teacher(d, teacher, init)
+            else:
+                init_fresh_student(d, load_tokenizer_for(teacher), init, max_len=d.sft.seq_len)
         student = init
     pairs = [(t.prompt, t.completion) for t in traces]
     val = _val_pairs(task, d.sft.val_examples, cfg.task.seed) if task is not None else []
