@@ -313,5 +313,9 @@ def ep_backward_group_worker(rank: int, world: int, store: str, out_dir: str) ->
                 "ranks": torch.distributed.get_process_group_ranks(twin), "ep_ranks": mesh.ranks("ep"),
                 "same_as_ep": twin is mesh.group("ep")}
         Path(out_dir, f"groups-rank{rank}.json").write_text(json.dumps(found))
+        # No rank may exit (closing its sockets) while a peer is still connecting its last group: under load
+        # an early exit made a peer's gloo connectFullMesh fail ("Connection closed by peer").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
     _report_errors(out_dir, rank, body)
