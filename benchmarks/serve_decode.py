@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from frugalm.config import apply_overrides
 from frugalm.model.config import ModelConfig
 from frugalm.model.transformer import DeepSeekV3
 from frugalm.serve import LLM, SamplingParams
@@ -280,14 +281,9 @@ def main() -> None:
         if path is None:
             path = Path(tmp) / "bench"
             cfg = ModelConfig.from_json(ROOT / "configs/examples/tiny-checkpoint/config.json")
-            if args.overrides:
-                fields = dataclasses.asdict(cfg)
-                for item in args.overrides:
-                    key, _, value = item.partition("=")
-                    if key not in fields:
-                        raise SystemExit(f"--set {item}: ModelConfig has no field {key!r}")
-                    fields[key] = json.loads(value)
-                cfg = ModelConfig(**fields)
+            if args.overrides:  # the CLI's own override syntax; ModelConfig.from_dict refuses unknown fields
+                raw = apply_overrides({"model": dataclasses.asdict(cfg)}, [f"model.{o}" for o in args.overrides])
+                cfg = ModelConfig.from_dict(raw["model"])
                 results["model_overrides"] = args.overrides
             DeepSeekV3(cfg).init_weights(0).save_pretrained(path)
         cfg = ModelConfig.from_json(path)

@@ -291,7 +291,6 @@ def test_fused_is_chosen_only_on_cuda_and_for_power_of_two_tiles():
 
     x = torch.randn(4, 256)
     assert not _fusion_pays(x)
-    assert quantize_tiles(x, (1, 128)).data.equal(quantize_tiles(x, (1, 128), fused=False).data)
     assert _fusable_tile((1, 128)) and _fusable_tile((128, 1)) and _fusable_tile((128, 128))
     assert not _fusable_tile((3, 5)) and not _fusable_tile((256, 256))
     with pytest.raises(ValueError, match="power-of-two tiles"):
@@ -303,9 +302,10 @@ def test_fused_is_chosen_only_on_cuda_and_for_power_of_two_tiles():
 def test_fused_quantizer_on_cuda_equals_eager():
     from frugalm.fp8.quantize import _fusion_pays
 
+    device = torch.device("cuda")
     for dtype in (torch.float32, torch.bfloat16):
         for x, tile, p2 in _fused_inputs(dtype):
-            x = x.cuda()
+            x = x.to(device)
             assert _fusion_pays(x)
             ref = quantize_tiles(x, tile, power_of_two=p2, fused=False)
             got = quantize_tiles(x, tile, power_of_two=p2)
