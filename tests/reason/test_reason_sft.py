@@ -151,6 +151,16 @@ def test_hf_sft_resumes_exactly_past_a_crash_mid_checkpoint_write(tiny_llama_dir
     a = load_file(tmp_path / "full" / "final" / "model.safetensors")
     b = load_file(tmp_path / "crashed" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a stop request (Ctrl-C / SIGTERM, here stop_after) ends the run with a checkpoint and no final model
+    part = run_hf_sft(load_policy(tiny_llama_dir, device="cpu"), data(), cfg, tmp_path / "part", progress=False,
+                      stop_after=3)
+    assert part["interrupted"] and part["final_model"] is None and not (tmp_path / "part" / "final").exists()
+    assert "stopped at step 3" in capsys.readouterr().err
+    done = run_hf_sft(load_policy(tiny_llama_dir, device="cpu"), data(), cfg, tmp_path / "part", resume=True,
+                      progress=False)
+    assert not done["interrupted"] and done["final_loss"] == full["final_loss"]
+    c = load_file(tmp_path / "part" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
     # --overwrite starts again: the old checkpoints and final model are cleared first
     run_hf_sft(load_policy(tiny_llama_dir, device="cpu"), data(), _cfg(max_steps=1, checkpoint_every=1), tmp_path / "crashed",
                overwrite=True, progress=False)

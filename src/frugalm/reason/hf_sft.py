@@ -23,6 +23,7 @@ from frugalm.reason.config import SFTConfig
 from frugalm.reason.policy import Policy
 from frugalm.reason.sft import masked_cross_entropy, masked_val_loss, train_config_for
 from frugalm.reason.sft_data import SFTData, split_masked
+from frugalm.reason.signals import graceful_stop
 from frugalm.train import checkpoint as ckpt
 from frugalm.train.metrics import MetricsLogger, plot_run
 from frugalm.train.optim import AdamW, clip_gradients_
@@ -37,8 +38,12 @@ def _say(message: str) -> None:
 
 
 def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Path, *, resume: bool = False,
-               overwrite: bool = False, progress: Optional[bool] = None) -> dict[str, Any]:
-    """Train `policy` in place; writes OUT/metrics.jsonl, OUT/checkpoints, OUT/final (HF folder) and a PNG."""
+               overwrite: bool = False, progress: Optional[bool] = None, handle_signals: bool = False,
+               stop_after: Optional[int] = None) -> dict[str, Any]:
+    """Train `policy` in place; writes OUT/metrics.jsonl, OUT/checkpoints, OUT/final (HF folder) and a PNG.
+
+    With `handle_signals`, SIGINT/SIGTERM (or reaching `stop_after` steps) ends the run after the current
+    step with a checkpoint and no final model, as frugalm's trainer does; the summary says ``interrupted``."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
@@ -77,38 +82,48 @@ def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Pat
                                         "sampler": sampler.state_dict()}}, keep=tc.keep_checkpoints)
         metrics.sync()
 
+    interrupted = False
     try:
-        while step < tc.max_steps:
-            lr = lr_at(step, tc)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            total = 0.0
-            for _ in range(tc.grad_accum):
-                inputs, labels = split_masked(next(sampler).to(policy.device))
-                loss = masked_cross_entropy(policy.logits(inputs), labels)
-                (loss / tc.grad_accum).backward()
-                total += float(loss.detach()) / tc.grad_accum
-            norm = float(clip_gradients_(params, tc.grad_clip))
-            if math.isfinite(total) and math.isfinite(norm):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses[step] = total
-            record: dict[str, Any] = {"step": step, "loss": total, "lr": lr, "grad_norm": norm}
-            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
-                val[step] = record["val_loss"] = masked_val_loss(model, policy.logits, data, tc, policy.device)
-            if step % tc.log_every == 0 or "val_loss" in record or step == tc.max_steps:
-                metrics.log(record)
-            bar.update(1)
-            bar.set_postfix_str(f"loss {total:.3f}", refresh=False)
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps:
-                save()
+        with graceful_stop(handle_signals, _say) as stop:
+            while step < tc.max_steps:
+                lr = lr_at(step, tc)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                total = 0.0
+                for _ in range(tc.grad_accum):
+                    inputs, labels = split_masked(next(sampler).to(policy.device))
+                    loss = masked_cross_entropy(policy.logits(inputs), labels)
+                    (loss / tc.grad_accum).backward()
+                    total += float(loss.detach()) / tc.grad_accum
+                norm = float(clip_gradients_(params, tc.grad_clip))
+                if math.isfinite(total) and math.isfinite(norm):
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                losses[step] = total
+                record: dict[str, Any] = {"step": step, "loss": total, "lr": lr, "grad_norm": norm}
+                if tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
+                    val[step] = record["val_loss"] = masked_val_loss(model, policy.logits, data, tc, policy.device)
+                if step % tc.log_every == 0 or "val_loss" in record or step == tc.max_steps:
+                    metrics.log(record)
+                bar.update(1)
+                bar.set_postfix_str(f"loss {total:.3f}", refresh=False)
+                stop_now = bool(stop) or (stop_after is not None and step >= stop_after)
+                if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.max_steps or stop_now:
+                    save()
+                if stop_now and step < tc.max_steps:
+                    interrupted = True
+                    break
     finally:
         bar.close()
         metrics.close()
-    final = policy.save(out / FINAL_DIR)
+    final = None if interrupted else policy.save(out / FINAL_DIR)
     plot = plot_run(out)
     summary = {"steps": step, "final_loss": losses.get(step), "val_losses": val, "wall_s": time.perf_counter() - t0,
-               "final_model": str(final), "plot": str(plot) if plot else None}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+               "final_model": str(final) if final else None, "plot": str(plot) if plot else None,
+               "interrupted": interrupted}
+    if interrupted:
+        _say(f"stopped at step {step}; continue with the same command plus --resume")
+    else:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

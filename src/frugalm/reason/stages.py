@@ -54,8 +54,9 @@ def sft_on_pairs(model_dir: str | Path, pairs: list[tuple[str, str]], val: list[
         from frugalm.reason.hf_sft import run_hf_sft
 
         policy = load_policy(model_dir, device=sft.device, dtype="float32")
-        out = run_hf_sft(policy, data, sft, out_dir, resume=resume, overwrite=overwrite, progress=progress)
-        if export_to is not None:
+        out = run_hf_sft(policy, data, sft, out_dir, resume=resume, overwrite=overwrite, progress=progress,
+                         handle_signals=handle_signals, stop_after=stop_after)
+        if export_to is not None and not out["interrupted"]:
             policy.save(export_to)
             out["final_model"] = str(export_to)
     out["examples"] = len(data.train)
