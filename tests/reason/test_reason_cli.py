@@ -51,10 +51,12 @@ def test_a_budget_shorter_than_the_reference_completions_is_refused(tiny_model_d
                  *SMALL_TASK, "--set", "distill.max_completion_length=12"]) == 2
     assert "distill.max_completion_length = 12 is shorter" in capsys.readouterr().err
     assert not (out / "sft").exists() and not (out / "runs").exists()
-    # the recipe's GRPO lists (2-7) must stay shorter than the held-out ones
+    # the recipe's lists (2-7) and GRPO's own range must stay shorter than the held-out ones
     assert main(["r1", "--out", str(out), "--base-model", str(tiny_model_dir), "--set", "task.heldout_size=7"]) == 2
-    assert ("GRPO's problems (r1.grpo_min_size = None, r1.grpo_max_size = 7): sort: heldout_size (7) must exceed "
-            "max_size (7)") in capsys.readouterr().err
+    assert "sort: heldout_size (7) must exceed max_size (7)" in capsys.readouterr().err
+    assert main(["r1", "--out", str(out), "--base-model", str(tiny_model_dir), "--set", "r1.grpo_max_size=8"]) == 2
+    assert ("GRPO's problems (r1.grpo_min_size = None, r1.grpo_max_size = 8): sort: heldout_size (8) must exceed "
+            "max_size (8)") in capsys.readouterr().err
 
 
 def test_unknown_task_and_bad_keys_are_errors(tiny_model_dir, tmp_path, capsys):
@@ -100,7 +102,8 @@ def test_r1_pipeline_end_to_end(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(stages, "grpo_stage", spy)
     # the embedded recipe's task (sort, marks notation), smaller; GRPO on longer lists than SFT, held-out longer still
     small = ["--set", "task.max_size=3", "--set", "task.heldout_size=5", "--set", "r1.grpo_min_size=3",
-             "--set", "r1.grpo_max_size=4", "--set", "grpo.dynamic_sampling=false"]
+             "--set", "r1.grpo_max_size=4", "--set", "grpo.dynamic_sampling=false",
+             "--set", 'task.response_prefix="<think>"']
     args = ["r1", "--out", str(out), "--base-model", str(tiny_model_dir), "--no-progress", *small, *SFT, *GRPO,
             *EVAL, "--set", "r1.sft_check_every=1", "--set", "r1.sft_check_size=4", "--set", "r1.sft_target=1.0",
             "--set", "distill.num_prompts=8", "--set", "distill.samples_per_prompt=2",
@@ -123,7 +126,7 @@ def test_r1_pipeline_end_to_end(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert report["stages_test"]["grpo"]["pass_at_k"] is None and report["stages_test"]["grpo"]["n"] == 4
     assert "pass@k is not measured" in report["verdict"]["test"]["summary"]
     assert report["seconds"]["grpo"] > 0
-    # the recipe's response prefix: every evaluated response starts with the pre-filled <think>
+    # a response prefix: every evaluated response starts with the pre-filled <think>
     assert report["config"]["task"]["response_prefix"] == "<think>"
     assert all(s["completion"].startswith("<think>") for d in ("sft", "grpo") for s in report["stages"][d]["samples"])
     assert report["task"] == {"name": "sort", "min_size": 2, "max_size": 3, "heldout_size": 5, "max_value": 9,
@@ -173,9 +176,10 @@ def test_r1_starts_from_its_embedded_recipe(tmp_path):
         return load_config(argparse.Namespace(overrides=list(argv), config=config, task=task), recipe="r1")
 
     c = cfg()
-    assert (c.task.name, c.task.notation, c.task.max_size, c.task.heldout_size) == ("sort", "marks", 6, 8)
-    assert c.task.response_prefix == "<think>"  # stated in the recipe, not pre-filled by the template
-    assert (c.r1.grpo_min_size, c.r1.grpo_max_size, c.grpo.dynamic_sampling) == (None, 7, True)
+    assert (c.task.name, c.task.notation, c.task.max_size, c.task.heldout_size) == ("sort", "marks", 7, 8)
+    assert c.task.response_prefix == ""  # the recipe pre-fills nothing
+    assert (c.r1.sft_check_split, c.r1.sft_target, c.r1.grpo_max_size, c.grpo.dynamic_sampling) == (
+        "heldout", 0.2, None, True)
     assert c.grpo.group_size == 8  # not in the recipe: the dataclass default
     f = tmp_path / "mine.toml"
     f.write_text("[task]\nheldout_size = 9\n[grpo]\nlr = 8e-4\n")
@@ -183,8 +187,7 @@ def test_r1_starts_from_its_embedded_recipe(tmp_path):
     assert (c.task.name, c.task.heldout_size, c.grpo.lr, c.grpo.min_lr, c.grpo.max_steps) == ("sort", 9, 8e-4, 6e-4, 5)
     c = cfg(task="addition")
     assert (c.task.name, c.task.notation, c.task.max_size, c.r1.grpo_max_size) == ("addition", None, None, None)
-    assert c.task.response_prefix == "<think>"  # the response contract is kept with another task
-    assert c.sft.max_steps == 300  # the rest of the recipe still applies
+    assert c.sft.max_steps == 500 and c.r1.sft_check_split == "heldout"  # the rest of the recipe still applies
 
 
 def test_r1_verdict_tells_ability_sharpening_noise_and_loss(tmp_path):

@@ -195,3 +195,22 @@ def test_partial_nested_section_keeps_its_own_defaults(tmp_path):
     assert (cfg.distill.sft.batch_size, cfg.distill.sft.lr, cfg.distill.sft.max_steps) == (4, default.lr, default.max_steps)
     with pytest.raises(ConfigError, match=r"\[distill.sft\] unknown key\(s\) learning_rate"):
         load_reason_config(None, ["distill.sft.learning_rate=1"])
+
+
+def test_dynamic_sampling_draws_more_prompts_when_groups_are_rarely_informative():
+    from types import SimpleNamespace
+
+    from frugalm.reason.grpo.trainer import GRPOTrainer
+
+    def draw(missing, informative, seen, **cfg):
+        cfg = GRPOConfig(**{"dynamic_sampling": True, "max_oversample": 4.0, **cfg})
+        return GRPOTrainer._prompts_to_draw(SimpleNamespace(cfg=cfg), missing, informative, seen)
+
+    assert draw(8, 0, 0) == 8  # first round: the batch itself
+    assert draw(6, 2, 8) == 24  # a quarter informative: 6 / 0.25
+    assert draw(6, 1, 8) == 24  # 6 / 0.125 = 48, capped at 4 x 6
+    assert draw(6, 0, 8) == 24  # nothing informative yet: the cap
+    assert draw(3, 5, 10, max_oversample=1.0) == 3  # 1 (the default): only what is missing
+    assert draw(3, 2, 8, dynamic_sampling=False) == 3
+    with pytest.raises(ConfigError, match="max_oversample must be >= 1"):
+        GRPOConfig(max_oversample=0.5)

@@ -161,6 +161,11 @@ class GRPOConfig:
     num_iterations: int = 1  # μ: optimizer steps per generated batch
     dynamic_sampling: bool = False  # drop zero-std groups and sample new prompts to refill (DAPO)
     max_resample_rounds: int = 4
+    # Dynamic sampling, rounds after the first: draw (missing groups) / (informative fraction seen so far
+    # this step) prompts, at most this many times the missing groups. 1 draws only what is missing: from
+    # a well-SFT'd model (most groups all-correct) that spends every round and still leaves gaps, while 4
+    # fills the batch at about twice the generation per step (BENCHMARKS.md).
+    max_oversample: float = 1.0
     mask_truncated_completions: bool = False
     ref_reset_every: int = 0  # copy the policy into the reference every N steps (0: never)
     # Built-in rewards by name; custom callables are added through the Python API (`reward_funcs=`).
@@ -203,6 +208,8 @@ class GRPOConfig:
             problems.append(f"epsilon_low must be in [0, 1) (got {self.epsilon_low})")
         if self.epsilon_high < 0:
             problems.append(f"epsilon_high must be >= 0 (got {self.epsilon_high})")
+        if not self.max_oversample >= 1:
+            problems.append(f"max_oversample must be >= 1 (got {self.max_oversample})")
         _check_counts(problems, self, non_negative=("eval_every", "checkpoint_every", "ref_reset_every",
                                                     "max_resample_rounds", "warmup_steps", "overlong_buffer"))
         unknown = [r for r in self.reward_funcs if r not in REWARD_NAMES]
@@ -306,16 +313,16 @@ class R1Config:
     pretrain_dir: str = "runs/tiny"
     pretrain_config: str = "tiny"
     pretrain_overrides: list[str] = field(default_factory=list)
-    # SFT runs in chunks of this many steps until held-out greedy pass@1 reaches sft_target
+    # SFT runs in chunks of this many steps until greedy pass@1 on sft_check_split reaches sft_target
     # (or [sft] max_steps is spent); the useful range for GRPO is about 20-60 %.
     sft_check_every: int = 100
     sft_target: float = 0.2
     sft_check_size: int = 64
-    # Where the SFT check looks: GRPO needs correct answers in its groups on the problems it trains on
-    # ("test" = the training distribution, unseen problems); "heldout" demands extrapolation from SFT
-    # alone, which the tiny model reaches in no addition notation and only to ~10% in sort's "marks"
-    # (see BENCHMARKS.md): the embedded r1 recipe checks "test" and leaves the extrapolation to GRPO.
-    sft_check_split: Literal["train", "test", "heldout"] = "test"
+    # "heldout" (longer operands than any training data) as the R1 recipe asks. A task the tiny model
+    # cannot extrapolate from SFT alone (every addition notation, BENCHMARKS.md) never reaches it and
+    # runs [sft] max_steps; "test" (unseen problems of the training sizes) then says when GRPO's own
+    # prompts will have correct answers in their groups.
+    sft_check_split: Literal["train", "test", "heldout"] = "heldout"
     # Every stage is evaluated on [eval] split (held-out, longer operands) and also on this split
     # (None: only the former), so a model that cannot extrapolate still shows what each stage did.
     also_eval_split: Optional[Literal["train", "test", "heldout"]] = "test"

@@ -309,6 +309,16 @@ class GRPOTrainer:
             out[s:s + mb] = token_logprobs(logits, targets).cpu()
         return out
 
+    def _prompts_to_draw(self, missing: int, informative: int, seen: int) -> int:
+        """Prompts for the next sampling round: the first asks for the batch; later ones scale the gap by
+        how rarely this step's groups were informative so far, so a refill does not take one round per
+        few groups. Only this step's rounds count, which keeps a resumed run identical."""
+        if seen == 0 or not self.cfg.dynamic_sampling:
+            return missing
+        rate = informative / seen
+        cap = math.ceil(missing * self.cfg.max_oversample)
+        return cap if rate == 0 else min(cap, math.ceil(missing / rate))
+
     def make_batch(self) -> RolloutBatch:
         """Sample, score and (with dynamic sampling) filter groups until the batch holds `prompts_per_step`."""
         cfg = self.cfg
@@ -322,8 +332,7 @@ class GRPOTrainer:
         rounds = 0
         t0 = time.perf_counter()
         while len(kept) < P:
-            need = P - len(kept)
-            idx = self.stream.take(need)
+            idx = self.stream.take(self._prompts_to_draw(P - len(kept), len(kept), total_groups))
             settings = SamplingSettings(n=G, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                         max_tokens=cfg.max_completion_length,
                                         seed=(cfg.seed * 1_000_003 + self.step * 101 + rounds) % (2**31))
@@ -370,7 +379,8 @@ class GRPOTrainer:
             finite = [x for x in v if not math.isnan(x)]
             stats[f"rewards/{k}"] = sum(finite) / len(finite) if finite else float("nan")
         if cfg.dynamic_sampling:
-            stats.update(sample_rounds=float(rounds), zero_std_groups_in_batch=float(filled_with_zero))
+            stats.update(sample_rounds=float(rounds), sampled_groups=float(total_groups),
+                         zero_std_groups_in_batch=float(filled_with_zero))
         t1 = time.perf_counter()
         if cfg.num_iterations > 1:
             batch.old_logps = self._logps(self.policy, batch)
