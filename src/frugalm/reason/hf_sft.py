@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -25,16 +24,10 @@ from frugalm.reason.sft import masked_cross_entropy, masked_val_loss, train_conf
 from frugalm.reason.sft_data import SFTData, split_masked
 from frugalm.reason.signals import graceful_stop
 from frugalm.train import checkpoint as ckpt
-from frugalm.train.metrics import MetricsLogger, plot_run
+from frugalm.train.metrics import MetricsLogger, plot_run, write_above_progress
 from frugalm.train.optim import AdamW, clip_gradients_
 from frugalm.train.schedule import lr_at
 from frugalm.train.trainer import CHECKPOINT_DIR, FINAL_DIR, load_model_tensors, model_tensors
-
-
-def _say(message: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(message, file=sys.stderr)
 
 
 def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Path, *, resume: bool = False,
@@ -60,14 +53,14 @@ def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Pat
     params = [p for p in model.parameters() if p.requires_grad]
     sampler = data.train_sampler(tc.batch_size, tc.seq_len, tc.seed)
     step = 0
-    if resume and (path := ckpt.resume_checkpoint(root, _say)) is not None:
+    if resume and (path := ckpt.resume_checkpoint(root, write_above_progress)) is not None:
         loaded = ckpt.load_checkpoint(path, device=policy.device)
         state = loaded.json["state"]
         load_model_tensors(model, loaded.tensors["model"], state["model_aliases"])
         optimizer.load_tensor_state(loaded.tensors["optimizer"], state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         step = int(state["step"])
-        _say(f"resume: continuing from {path} (step {step})")
+        write_above_progress(f"resume: continuing from {path} (step {step})")
     metrics = MetricsLogger(out, resume_step=step if step else None, tensorboard=False)
     t0 = time.perf_counter()
     losses: dict[int, float] = {}
@@ -84,7 +77,7 @@ def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Pat
 
     interrupted = False
     try:
-        with graceful_stop(handle_signals, _say) as stop:
+        with graceful_stop(handle_signals, write_above_progress) as stop:
             while step < tc.max_steps:
                 lr = lr_at(step, tc)
                 for g in optimizer.param_groups:
@@ -123,7 +116,7 @@ def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Pat
                "final_model": str(final) if final else None, "plot": str(plot) if plot else None,
                "interrupted": interrupted}
     if interrupted:
-        _say(f"stopped at step {step}; continue with the same command plus --resume")
+        write_above_progress(f"stopped at step {step}; continue with the same command plus --resume")
     else:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

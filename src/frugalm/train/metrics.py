@@ -17,6 +17,15 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
 
 
+def write_above_progress(message: str) -> None:
+    """A status line on stderr that does not break a live tqdm bar (the bar is redrawn below it)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl; a torn last line (crash mid-write) is ignored."""
     path = Path(path)

@@ -25,7 +25,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from frugalm.train import checkpoint as ckpt
 from frugalm.train.balance import ExpertLoadTracker, load_imbalance, moe_modules, update_expert_bias
 from frugalm.train.config import RunConfig, run_config_from_dict
 from frugalm.train.losses import cross_entropy, eval_cross_entropy_sum, next_token_losses
-from frugalm.train.metrics import MetricsLogger, plot_run
+from frugalm.train.metrics import MetricsLogger, plot_run, write_above_progress
 from frugalm.train.optim import AdamW, clip_gradients_
 from frugalm.train.schedule import lr_at
 
@@ -346,12 +345,7 @@ class Trainer:
     def say(self, message: str) -> None:
         if not self.is_main:
             return
-        if self._log_fn is not None:
-            self._log_fn(message)
-        else:
-            from tqdm.auto import tqdm
-
-            tqdm.write(message, file=sys.stderr)
+        (self._log_fn or write_above_progress)(message)
 
     # ------------------------------------------------------------------ setup helpers
     def _check_out_dir(self, resume: bool | str | Path, overwrite: bool) -> None:

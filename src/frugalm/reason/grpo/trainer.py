@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from frugalm.reason.rollout import Sample, SamplingSettings, generate, greedy
 from frugalm.reason.signals import graceful_stop
 from frugalm.reason.tasks.base import Example, Task
 from frugalm.train import checkpoint as ckpt
-from frugalm.train.metrics import MetricsLogger
+from frugalm.train.metrics import MetricsLogger, write_above_progress
 from frugalm.train.optim import AdamW, clip_gradients_
 from frugalm.train.schedule import lr_at
 from frugalm.train.config import TrainConfig
@@ -239,12 +238,7 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ housekeeping
     def say(self, message: str) -> None:
-        if self._log_fn is not None:
-            self._log_fn(message)
-        else:
-            from tqdm.auto import tqdm
-
-            tqdm.write(message, file=sys.stderr)
+        (self._log_fn or write_above_progress)(message)
 
     def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
         ckpt.prepare_run_dir(self.out_dir, self.ckpt_root, resume=resume, overwrite=overwrite, what="a GRPO run",
