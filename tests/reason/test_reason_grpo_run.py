@@ -131,3 +131,22 @@ def test_a_response_prefix_is_in_every_prompt_and_in_every_scored_response(tiny_
     assert all(ids[-len(think):] == think for ids in trainer.pool_ids)
     trainer.train()
     assert len(seen) == 16 and all(c.startswith("<think>") for c in seen)
+
+
+def test_variant_comparison_plot_has_a_panel_per_logged_metric(tmp_path):
+    """Runs without periodic evaluation get reward and length panels, not an empty pass@1 one."""
+    import matplotlib.image
+
+    from frugalm.reason.plots import plot_comparison
+
+    runs = {}
+    for name in ("grpo", "dapo"):
+        (tmp_path / name).mkdir()
+        rows = [{"step": s, "reward": 0.1 * s, "completion_length": 30 + s} for s in range(1, 6)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[name] = tmp_path / name
+    png = plot_comparison(runs, tmp_path / "two.png")
+    assert matplotlib.image.imread(png).shape[1] == 2 * 5 * 110  # two 5-inch panels at 110 dpi
+    with (tmp_path / "grpo" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 5, "eval_pass_at_1": 0.5}) + "\n")
+    assert matplotlib.image.imread(plot_comparison(runs, tmp_path / "three.png")).shape[1] == 3 * 5 * 110

@@ -64,18 +64,22 @@ def plot_grpo(out_dir: str | Path, png: Optional[str | Path] = None) -> Optional
 
 def plot_comparison(runs: Mapping[str, str | Path], png: str | Path,
                     keys: Sequence[str] = ("reward", "completion_length", "eval_pass_at_1")) -> Path:
-    """Several GRPO runs (e.g. grpo vs dr_grpo vs dapo) on shared axes, one panel per metric."""
+    """Several GRPO runs (e.g. grpo vs dr_grpo vs dapo) on shared axes, one panel per metric that any run
+    logged (runs without periodic evaluation get no empty pass@1 panel)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
-    for ax, key in zip(axes, keys):
-        for label, folder in runs.items():
-            xs, ys = _series(read_metrics(Path(folder) / METRICS_FILE), key)
+    records = {label: read_metrics(Path(folder) / METRICS_FILE) for label, folder in runs.items()}
+    series = {key: {label: _series(recs, key) for label, recs in records.items()} for key in keys}
+    keys = [k for k in keys if any(xs for xs, _ in series[k].values())] or list(keys)[:1]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, (xs, ys) in series[key].items():
             if xs:
                 ax.plot(xs, ys, "o-" if key == "eval_pass_at_1" else "-", label=label, markersize=3)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -97,7 +101,7 @@ def plot_stages(stages: Mapping[str, Mapping[str, Any]], png: str | Path, title:
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("fraction of held-out problems")
+    ax.set_ylabel("fraction of problems solved")
     ax.set_title(title or "held-out accuracy after each stage")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
