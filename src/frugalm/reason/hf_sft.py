@@ -35,7 +35,7 @@ def run_hf_sft(policy: Policy, data: SFTData, sft: SFTConfig, out_dir: str | Pat
                stop_after: Optional[int] = None) -> dict[str, Any]:
     """Train `policy` in place; writes OUT/metrics.jsonl, OUT/checkpoints, OUT/final (HF folder) and a PNG.
 
-    With `handle_signals`, SIGINT/SIGTERM (or reaching `stop_after` steps) ends the run after the current
+    SIGINT/SIGTERM (with `handle_signals`) or reaching `stop_after` steps ends the run after the current
     step with a checkpoint and no final model, as frugalm's trainer does; the summary says ``interrupted``."""
     from tqdm.auto import tqdm
 
