@@ -105,7 +105,7 @@ def test_r1_pipeline_end_to_end(tiny_model_dir, tmp_path, capsys, monkeypatch):
              "--set", "r1.grpo_max_size=4", "--set", "grpo.dynamic_sampling=false",
              "--set", 'task.response_prefix="<think>"']
     args = ["r1", "--out", str(out), "--base-model", str(tiny_model_dir), "--no-progress", *small, *SFT, *GRPO,
-            *EVAL, "--set", "r1.sft_check_every=1", "--set", "r1.sft_check_size=4", "--set", "r1.sft_target=1.0",
+            *EVAL, "--set", "r1.eval_n=4", "--set", "r1.sft_check_every=1", "--set", "r1.sft_check_size=4", "--set", "r1.sft_target=1.0",
             "--set", "distill.num_prompts=8", "--set", "distill.samples_per_prompt=2",
             "--set", "distill.max_completion_length=40", "--set", "distill.device='cpu'",
             "--set", "distill.sft.max_steps=2", "--set", "distill.sft.batch_size=2", "--set", "distill.sft.seq_len=96",
